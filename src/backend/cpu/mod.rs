@@ -1,0 +1,1 @@
+//! The CPU backend: f32, matmuls through the `gemm` crate, rayon for everything else.

@@ -1,0 +1,15 @@
+//! sd21: Stable Diffusion 2.1 text-to-image. One model definition (`model/`) over a small op set
+//! (`backend/`), a CPU backend as the numerical reference, diffusers-compatible sampling.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod image_io;
+pub mod model;
+pub mod pipeline;
+pub mod sampling;
+pub mod tensor;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
