@@ -282,9 +282,9 @@ impl ClipTextConfig {
                 self.hidden_size, self.num_attention_heads
             )));
         }
-        if !matches!(self.hidden_act.as_str(), "gelu" | "quick_gelu") {
+        if self.hidden_act != "gelu" {
             return Err(Error::Config(format!(
-                "text_encoder: unsupported hidden_act {}",
+                "text_encoder: unsupported hidden_act {} (SD 2.x uses the exact \"gelu\")",
                 self.hidden_act
             )));
         }

@@ -1,1 +1,200 @@
-//! (being written)
+//! Model files on disk: the diffusers folder layout, safetensors through memmap2, and the
+//! name-prefixed loader the models are built from.
+
+mod safetensors_file;
+
+pub use safetensors_file::SafeTensorsFile;
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::Backend;
+use crate::tensor::HostTensor;
+use crate::{Error, Result};
+
+/// The files of one diffusers-layout model folder (`model_index.json`, `unet/`, `vae/`,
+/// `text_encoder/`, `tokenizer/`, `scheduler/`).
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub root: PathBuf,
+    pub unet_config: PathBuf,
+    pub unet_weights: PathBuf,
+    pub vae_config: PathBuf,
+    pub vae_weights: PathBuf,
+    pub text_encoder_config: PathBuf,
+    pub text_encoder_weights: PathBuf,
+    pub tokenizer_dir: PathBuf,
+    pub scheduler_config: PathBuf,
+}
+
+impl ModelFiles {
+    /// Finds every file of the model in `root`, preferring `*.fp16.safetensors` weights when a
+    /// component has both variants. A missing file is an error naming it.
+    pub fn locate(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::MissingFile {
+                path: root.to_path_buf(),
+                what: "model folder (a diffusers-layout folder with unet/, vae/, text_encoder/)"
+                    .into(),
+            });
+        }
+        let config = |component: &str| -> Result<PathBuf> {
+            let path = root.join(component).join("config.json");
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(Error::MissingFile {
+                    path,
+                    what: format!("{component} config"),
+                })
+            }
+        };
+        let scheduler_config = root.join("scheduler").join("scheduler_config.json");
+        if !scheduler_config.is_file() {
+            return Err(Error::MissingFile {
+                path: scheduler_config,
+                what: "scheduler config".into(),
+            });
+        }
+        Ok(ModelFiles {
+            unet_config: config("unet")?,
+            unet_weights: component_weights(&root.join("unet"), "diffusion_pytorch_model")?,
+            vae_config: config("vae")?,
+            vae_weights: component_weights(&root.join("vae"), "diffusion_pytorch_model")?,
+            text_encoder_config: config("text_encoder")?,
+            text_encoder_weights: component_weights(&root.join("text_encoder"), "model")?,
+            tokenizer_dir: root.join("tokenizer"),
+            scheduler_config,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// A short model name for logs and PNG metadata: the folder's name.
+    pub fn model_name(&self) -> String {
+        self.root
+            .canonicalize()
+            .unwrap_or_else(|_| self.root.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+}
+
+/// `{stem}.fp16.safetensors` when present, else `{stem}.safetensors`.
+fn component_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
+    let fp16 = dir.join(format!("{stem}.fp16.safetensors"));
+    if fp16.is_file() {
+        return Ok(fp16);
+    }
+    let full = dir.join(format!("{stem}.safetensors"));
+    if full.is_file() {
+        return Ok(full);
+    }
+    let what = if dir.join(format!("{stem}.bin")).is_file() {
+        format!("{stem}.safetensors or {stem}.fp16.safetensors (only PyTorch .bin weights were found; sd21 reads safetensors)")
+    } else {
+        format!("{stem}.safetensors or {stem}.fp16.safetensors")
+    };
+    Err(Error::MissingFile { path: full, what })
+}
+
+/// Loads tensors by their checkpoint names under a prefix (`down_blocks.1.attentions.0`),
+/// checks their shapes and uploads them to a backend.
+pub struct Loader<'a, B: Backend> {
+    file: &'a SafeTensorsFile,
+    backend: &'a B,
+    prefix: String,
+}
+
+impl<B: Backend> Clone for Loader<'_, B> {
+    fn clone(&self) -> Self {
+        Loader {
+            file: self.file,
+            backend: self.backend,
+            prefix: self.prefix.clone(),
+        }
+    }
+}
+
+impl<'a, B: Backend> Loader<'a, B> {
+    pub fn new(file: &'a SafeTensorsFile, backend: &'a B) -> Self {
+        Loader {
+            file,
+            backend,
+            prefix: String::new(),
+        }
+    }
+
+    /// The loader for the sub-module `name` (`self.pp("resnets").pp(0)`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Loader {
+            file: self.file,
+            backend: self.backend,
+            prefix,
+        }
+    }
+
+    pub fn backend(&self) -> &'a B {
+        self.backend
+    }
+
+    /// The full checkpoint name of `name` under this prefix.
+    pub fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Whether `name` exists under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.file.shape_of(&self.full_name(name)).is_some()
+    }
+
+    /// Host copy of `name`, which must have exactly `shape`.
+    pub fn host(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        self.file.get(&self.full_name(name), Some(shape))
+    }
+
+    /// `name` on the backend, which must have exactly `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        self.backend.upload(&self.host(name, shape)?)
+    }
+
+    /// A linear weight `[out, in]`; a 1×1 convolution weight `[out, in, 1, 1]` is accepted too
+    /// (the same numbers), as checkpoints store projections either way.
+    pub fn linear_weight(&self, name: &str, out: usize, inp: usize) -> Result<B::Tensor> {
+        let full = self.full_name(name);
+        let host = match self.file.shape_of(&full) {
+            Some([_, _, 1, 1]) => self
+                .file
+                .get(&full, Some(&[out, inp, 1, 1]))?
+                .reshape(vec![out, inp])?,
+            _ => self.file.get(&full, Some(&[out, inp]))?,
+        };
+        self.backend.upload(&host)
+    }
+
+    /// A convolution weight stored OIHW `[out, in, k, k]`, uploaded as OHWI `[out, k, k, in]`.
+    pub fn conv_weight(&self, name: &str, out: usize, inp: usize, k: usize) -> Result<B::Tensor> {
+        let oihw = self.host(name, &[out, inp, k, k])?;
+        let mut ohwi = vec![0.0f32; oihw.numel()];
+        for o in 0..out {
+            for i in 0..inp {
+                for y in 0..k {
+                    for x in 0..k {
+                        ohwi[((o * k + y) * k + x) * inp + i] =
+                            oihw.data[((o * inp + i) * k + y) * k + x];
+                    }
+                }
+            }
+        }
+        self.backend
+            .upload(&HostTensor::new(vec![out, k, k, inp], ohwi)?)
+    }
+}

@@ -1,0 +1,154 @@
+//! diffusers `AutoencoderKL` decoder: post_quant_conv → conv_in → mid (resnet, attention, resnet)
+//! → up blocks → GN → SiLU → conv_out, NHWC. All VAE group norms use eps 1e-6 (fixed in diffusers).
+
+use crate::backend::Backend;
+use crate::config::VaeConfig;
+use crate::model::layers::{Attention, Conv2d, GroupNorm, ResnetBlock2D};
+use crate::weights::Loader;
+use crate::{Error, Result};
+
+const VAE_NORM_EPS: f32 = 1e-6;
+
+struct UpDecoderBlock<B: Backend> {
+    resnets: Vec<ResnetBlock2D<B>>,
+    upsampler: Option<Conv2d<B>>,
+}
+
+/// The VAE decoder: latents → RGB in [−1, 1].
+pub struct VaeDecoder<B: Backend> {
+    config: VaeConfig,
+    post_quant_conv: Option<Conv2d<B>>,
+    conv_in: Conv2d<B>,
+    mid_resnet_0: ResnetBlock2D<B>,
+    mid_norm: GroupNorm<B>,
+    mid_attention: Attention<B>,
+    mid_resnet_1: ResnetBlock2D<B>,
+    up_blocks: Vec<UpDecoderBlock<B>>,
+    conv_norm_out: GroupNorm<B>,
+    conv_out: Conv2d<B>,
+}
+
+impl<B: Backend> VaeDecoder<B> {
+    /// Builds the decoder from the tensors under `w` (the root of `vae/*.safetensors`).
+    pub fn load(w: &Loader<B>, config: &VaeConfig) -> Result<Self> {
+        config.validate()?;
+        let c = &config.block_out_channels;
+        let n = c.len();
+        let groups = config.norm_num_groups;
+        let lat = config.latent_channels;
+        let d = w.pp("decoder");
+        let top = c[n - 1];
+
+        let post_quant_conv = if config.use_post_quant_conv {
+            Some(Conv2d::load(&w.pp("post_quant_conv"), lat, lat, 1, 1, 0)?)
+        } else {
+            None
+        };
+        let mid = d.pp("mid_block");
+        let attn = mid.pp("attentions.0");
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut prev_out = top;
+        for i in 0..n {
+            let wb = d.pp("up_blocks").pp(i);
+            let out_ch = c[n - 1 - i];
+            let resnets = (0..config.layers_per_block + 1)
+                .map(|j| {
+                    let r_in = if j == 0 { prev_out } else { out_ch };
+                    ResnetBlock2D::load(
+                        &wb.pp("resnets").pp(j),
+                        r_in,
+                        out_ch,
+                        None,
+                        groups,
+                        VAE_NORM_EPS,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let upsampler = if i + 1 < n {
+                Some(Conv2d::load(
+                    &wb.pp("upsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push(UpDecoderBlock { resnets, upsampler });
+            prev_out = out_ch;
+        }
+        Ok(VaeDecoder {
+            config: config.clone(),
+            post_quant_conv,
+            conv_in: Conv2d::load(&d.pp("conv_in"), lat, top, 3, 1, 1)?,
+            mid_resnet_0: ResnetBlock2D::load(
+                &mid.pp("resnets.0"),
+                top,
+                top,
+                None,
+                groups,
+                VAE_NORM_EPS,
+            )?,
+            mid_norm: GroupNorm::load(&attn.pp("group_norm"), top, groups, VAE_NORM_EPS)?,
+            mid_attention: Attention::load_vae(&attn, top)?,
+            mid_resnet_1: ResnetBlock2D::load(
+                &mid.pp("resnets.1"),
+                top,
+                top,
+                None,
+                groups,
+                VAE_NORM_EPS,
+            )?,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&d.pp("conv_norm_out"), c[0], groups, VAE_NORM_EPS)?,
+            conv_out: Conv2d::load(&d.pp("conv_out"), c[0], config.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// `z [B, h, w, C_lat]` (already divided by `scaling_factor`) → image `[B, h·f, w·f, 3]` in
+    /// about [−1, 1], f = 2^(levels − 1).
+    pub fn decode(&self, b: &B, z: &B::Tensor) -> Result<B::Tensor> {
+        let mut h = match &self.post_quant_conv {
+            Some(conv) => conv.forward(b, z)?, // [B, h, w, C_lat]
+            None => z.clone(),
+        };
+        h = self.conv_in.forward(b, &h)?; // [B, h, w, C_top]
+        h = self.mid_resnet_0.forward(b, &h, None)?; // [B, h, w, C_top]
+        h = self.mid_attention_forward(b, &h)?; // [B, h, w, C_top]
+        h = self.mid_resnet_1.forward(b, &h, None)?; // [B, h, w, C_top]
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                h = resnet.forward(b, &h, None)?; // [B, h_i, w_i, C_i]
+            }
+            if let Some(up) = &block.upsampler {
+                let s = b.shape(&h).to_vec();
+                h = b.upsample_nearest(&h, s[1] * 2, s[2] * 2)?; // [B, 2h_i, 2w_i, C_i]
+                h = up.forward(b, &h)?; // [B, 2h_i, 2w_i, C_i]
+            }
+        }
+        let h = self.conv_norm_out.forward(b, &h, true)?; // [B, H, W, C0]
+        self.conv_out.forward(b, &h) // [B, H, W, 3]
+    }
+
+    /// Single-head attention over all pixels, with the residual: `[B, h, w, C]` → same.
+    fn mid_attention_forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let s = b.shape(x).to_vec();
+        if s.len() != 4 {
+            return Err(Error::shape(
+                "vae attention",
+                format!("expected NHWC, got {s:?}"),
+            ));
+        }
+        let h = self.mid_norm.forward(b, x, false)?; // [B, h, w, C]
+        let h = b.reshape(&h, &[s[0], s[1] * s[2], s[3]])?; // [B, hw, C]
+        let h = self.mid_attention.forward(b, &h, None)?; // [B, hw, C]
+        let h = b.reshape(&h, &s)?; // [B, h, w, C]
+        b.add(&h, x) // [B, h, w, C]
+    }
+}
