@@ -34,7 +34,13 @@ impl<B: Backend> ClipTextModel<B> {
         let d = config.hidden_size;
         let ff = config.intermediate_size;
         let eps = config.layer_norm_eps;
-        let m = w.pp("text_model");
+        // transformers ≤ 4 (the SD 2.1 repositories) saves under `text_model.`; transformers 5
+        // saves the same tensors without the prefix.
+        let m = if w.contains("text_model.embeddings.token_embedding.weight") {
+            w.pp("text_model")
+        } else {
+            w.clone()
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let l = m.pp("encoder.layers").pp(i);

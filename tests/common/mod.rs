@@ -1,0 +1,79 @@
+//! Shared helpers of the integration tests: fixture paths, reading reference tensors, comparing.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use sd21::tensor::HostTensor;
+use sd21::weights::SafeTensorsFile;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+/// The tiny random-weight SD 2.1-architecture model in the diffusers layout.
+pub fn tiny_model() -> PathBuf {
+    fixtures().join("tiny-sd21")
+}
+
+/// A reference file written by scripts/make_fixtures.py.
+pub fn reference(name: &str) -> PathBuf {
+    fixtures().join("reference").join(name)
+}
+
+pub fn read_tensor(file: &SafeTensorsFile, name: &str) -> HostTensor {
+    file.get(name, None)
+        .unwrap_or_else(|e| panic!("fixture {}: {e}", file.path().display()))
+}
+
+/// Max and mean absolute difference; panics when shapes differ.
+pub fn diff(ours: &[f32], reference: &[f32]) -> (f32, f32) {
+    assert_eq!(ours.len(), reference.len(), "length mismatch");
+    let mut max = 0f32;
+    let mut sum = 0f64;
+    for (a, b) in ours.iter().zip(reference) {
+        let d = (a - b).abs();
+        assert!(d.is_finite(), "non-finite value: ours {a}, reference {b}");
+        max = max.max(d);
+        sum += d as f64;
+    }
+    (max, (sum / ours.len().max(1) as f64) as f32)
+}
+
+/// Asserts `|ours − ref| ≤ atol + rtol·|ref|` elementwise, reporting the worst element.
+pub fn assert_close(what: &str, ours: &[f32], reference: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(ours.len(), reference.len(), "{what}: length mismatch");
+    let mut worst = (0usize, 0f32);
+    for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
+        let excess = (a - b).abs() - (atol + rtol * b.abs());
+        assert!(a.is_finite(), "{what}: non-finite value at {i}");
+        if excess > worst.1 {
+            worst = (i, excess);
+        }
+    }
+    let (max, mean) = diff(ours, reference);
+    eprintln!("{what}: max |diff| {max:.3e}, mean {mean:.3e}");
+    assert!(
+        worst.1 <= 0.0,
+        "{what}: element {} is {} but diffusers has {} (atol {atol}, rtol {rtol})",
+        worst.0,
+        ours[worst.0],
+        reference[worst.0]
+    );
+}
+
+/// Copies a directory tree (the fixture model) so a test can alter its files.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
