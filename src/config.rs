@@ -185,14 +185,14 @@ impl UnetConfig {
             }
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if c % self.norm_num_groups != 0 {
+            if self.norm_num_groups == 0 || !c.is_multiple_of(self.norm_num_groups) {
                 return Err(Error::Config(format!(
                     "unet: block {i} has {c} channels, not divisible by norm_num_groups {}",
                     self.norm_num_groups
                 )));
             }
             let heads = self.heads(i)?;
-            if heads == 0 || c % heads != 0 {
+            if heads == 0 || !c.is_multiple_of(heads) {
                 return Err(Error::Config(format!(
                     "unet: block {i}: {c} channels not divisible by {heads} heads"
                 )));
@@ -241,7 +241,7 @@ impl VaeConfig {
             return Err(Error::Config("vae: block_out_channels is empty".into()));
         }
         for &c in &self.block_out_channels {
-            if c % self.norm_num_groups != 0 {
+            if self.norm_num_groups == 0 || !c.is_multiple_of(self.norm_num_groups) {
                 return Err(Error::Config(format!(
                     "vae: {c} channels not divisible by norm_num_groups {}",
                     self.norm_num_groups
@@ -276,7 +276,9 @@ pub struct ClipTextConfig {
 
 impl ClipTextConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::Config(format!(
                 "text_encoder: hidden_size {} not divisible by {} heads",
                 self.hidden_size, self.num_attention_heads
