@@ -1,1 +1,332 @@
-//! (being written)
+//! txt2img: tokenize → encode (with the negative prompt for guidance) → denoise with CFG →
+//! decode → pixels. Latents stay on the host in NCHW order between steps, so the noise drawn for
+//! them is exactly what diffusers draws with the same seed.
+
+use crate::backend::Backend;
+use crate::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
+use crate::image_io::RgbImage;
+use crate::model::{ClipTextModel, Unet, VaeDecoder};
+use crate::sampling::rng::TorchGenerator;
+use crate::sampling::{build_scheduler, SchedulerKind};
+use crate::tensor::HostTensor;
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::{Loader, ModelFiles, SafeTensorsFile};
+use crate::{Error, Result};
+
+/// Everything one generation needs besides the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    /// The empty string when the user gave none (diffusers' convention).
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 means no guidance (one conditional pass).
+    pub cfg_scale: f32,
+    /// Seed of image 0; image i uses `seed + i` (wrapping).
+    pub seed: u64,
+    pub scheduler: SchedulerKind,
+    pub number_of_images: usize,
+}
+
+/// Progress reported after every denoising step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Index of the image being generated.
+    pub image: usize,
+    /// Steps done for this image (1-based).
+    pub step: usize,
+    /// Model evaluations per image (PNDM does one more than `steps`, as in diffusers).
+    pub steps_per_image: usize,
+}
+
+/// One generated image and the seed that made it.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub seed: u64,
+    pub image: RgbImage,
+}
+
+/// A loaded Stable Diffusion 2.x model on one backend.
+pub struct Pipeline<B: Backend> {
+    backend: B,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel<B>,
+    unet: Unet<B>,
+    vae: VaeDecoder<B>,
+    scheduler_config: SchedulerConfig,
+    model_name: String,
+}
+
+impl<B: Backend> Pipeline<B> {
+    /// Loads every component of a diffusers-layout model folder onto `backend`.
+    pub fn load(files: &ModelFiles, backend: B) -> Result<Self> {
+        let unet_config: UnetConfig = config::read_json(&files.unet_config)?;
+        let vae_config: VaeConfig = config::read_json(&files.vae_config)?;
+        let clip_config: ClipTextConfig = config::read_json(&files.text_encoder_config)?;
+        let scheduler_config: SchedulerConfig = config::read_json(&files.scheduler_config)?;
+        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
+
+        tracing::info!(path = %files.text_encoder_weights.display(), "loading text encoder");
+        let file = SafeTensorsFile::open(&files.text_encoder_weights)?;
+        let text_encoder = ClipTextModel::load(&Loader::new(&file, &backend), &clip_config)?;
+        tracing::info!(path = %files.unet_weights.display(), "loading unet");
+        let file = SafeTensorsFile::open(&files.unet_weights)?;
+        let unet = Unet::load(&Loader::new(&file, &backend), &unet_config)?;
+        tracing::info!(path = %files.vae_weights.display(), "loading vae");
+        let file = SafeTensorsFile::open(&files.vae_weights)?;
+        let vae = VaeDecoder::load(&Loader::new(&file, &backend), &vae_config)?;
+
+        if clip_config.hidden_size != unet_config.cross_attention_dim {
+            return Err(Error::Config(format!(
+                "text encoder hidden_size {} does not match unet cross_attention_dim {}",
+                clip_config.hidden_size, unet_config.cross_attention_dim
+            )));
+        }
+        if vae_config.latent_channels != unet_config.in_channels {
+            return Err(Error::Config(format!(
+                "vae latent_channels {} does not match unet in_channels {}",
+                vae_config.latent_channels, unet_config.in_channels
+            )));
+        }
+        Ok(Pipeline {
+            backend,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            model_name: files.model_name(),
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    /// The image is this many times larger than its latent (8 for SD 2.1).
+    pub fn latent_factor(&self) -> usize {
+        self.vae.config().latent_factor()
+    }
+
+    /// The model's native image size `(width, height)`: UNet `sample_size` × latent factor.
+    pub fn native_size(&self) -> (usize, usize) {
+        let side = self.unet.config().sample_size * self.latent_factor();
+        (side, side)
+    }
+
+    /// The scheduler named in the model's `scheduler_config.json`.
+    pub fn default_scheduler(&self) -> Result<SchedulerKind> {
+        SchedulerKind::from_config(&self.scheduler_config)
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// Overrides the scheduler config's `prediction_type` (`epsilon` or `v_prediction`), as
+    /// diffusers' `from_config(..., prediction_type=...)` does.
+    pub fn set_prediction_type(&mut self, prediction_type: &str) -> Result<()> {
+        let mut config = self.scheduler_config.clone();
+        config.prediction_type = Some(prediction_type.to_string());
+        crate::sampling::prediction_type(&config)?;
+        self.scheduler_config = config;
+        Ok(())
+    }
+
+    /// Token ids → text embeddings `[rows, 77, D]`: `[negative, prompt]` with guidance, else `[prompt]`.
+    pub fn encode_prompts(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        guidance: bool,
+    ) -> Result<B::Tensor> {
+        let cond = self.tokenizer.encode(prompt)?;
+        let rows = if guidance {
+            vec![self.tokenizer.encode(negative_prompt)?, cond]
+        } else {
+            vec![cond]
+        };
+        self.text_encoder.forward(&self.backend, &rows)
+    }
+
+    /// Generates `request.number_of_images` images; `on_step` is called after every denoising
+    /// step and returning `false` cancels the job (`Error::Cancelled`).
+    pub fn generate(
+        &self,
+        request: &GenerationRequest,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        let f = self.latent_factor();
+        if request.width == 0
+            || request.height == 0
+            || request.width % f != 0
+            || request.height % f != 0
+        {
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of {f}, got {}×{}",
+                request.width, request.height
+            )));
+        }
+        if request.steps == 0 {
+            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+        }
+        if !request.cfg_scale.is_finite() {
+            return Err(Error::InvalidArgument(
+                "cfg_scale must be a finite number".into(),
+            ));
+        }
+        let guidance = request.cfg_scale > 1.0;
+        let context = self.encode_prompts(&request.prompt, &request.negative_prompt, guidance)?;
+        (0..request.number_of_images)
+            .map(|i| {
+                let seed = request.seed.wrapping_add(i as u64);
+                let latents =
+                    self.denoise(request, seed, &context, guidance, &mut |step, total| {
+                        on_step(Progress {
+                            image: i,
+                            step,
+                            steps_per_image: total,
+                        })
+                    })?;
+                Ok(GeneratedImage {
+                    seed,
+                    image: self.decode(&latents)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The sampling loop for one image: initial noise from `seed`, then one guided UNet
+    /// evaluation and one scheduler step per timestep. Returns the final NCHW latents.
+    fn denoise(
+        &self,
+        request: &GenerationRequest,
+        seed: u64,
+        context: &B::Tensor,
+        guidance: bool,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<HostTensor> {
+        let b = &self.backend;
+        let f = self.latent_factor();
+        let (h, w, c) = (
+            request.height / f,
+            request.width / f,
+            self.unet.config().in_channels,
+        );
+        let mut scheduler_config = self.scheduler_config.clone();
+        if scheduler_config.prediction_type.is_none() {
+            scheduler_config.prediction_type = Some("epsilon".into());
+        }
+        let mut scheduler = build_scheduler(request.scheduler, &scheduler_config, request.steps)?;
+        let mut rng = TorchGenerator::new(seed);
+        let sigma = scheduler.init_noise_sigma();
+        let mut latents: Vec<f32> = rng
+            .randn(c * h * w)
+            .into_iter()
+            .map(|x| x * sigma)
+            .collect(); // [1, C, h, w]
+        let rows = if guidance { 2 } else { 1 };
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let mut input = latents.repeat(rows); // [rows, C, h, w]
+            scheduler.scale_model_input(&mut input, i);
+            let input = HostTensor::new(vec![rows, c, h, w], input)?.nchw_to_nhwc()?; // [rows, h, w, C]
+            let out = self.unet.forward(b, &b.upload(&input)?, t, context)?; // [rows, h, w, C]
+            let out = b.download(&out)?.nhwc_to_nchw()?.data; // [rows, C, h, w]
+            let n = c * h * w;
+            let guided: Vec<f32> = if guidance {
+                let (uncond, cond) = out.split_at(n);
+                uncond
+                    .iter()
+                    .zip(cond)
+                    .map(|(&u, &t)| u + request.cfg_scale * (t - u))
+                    .collect()
+            } else {
+                out
+            };
+            latents = scheduler.step(&guided, i, &latents, &mut rng)?;
+            if !on_step(i + 1, timesteps.len()) {
+                return Err(Error::Cancelled);
+            }
+        }
+        HostTensor::new(vec![1, c, h, w], latents)
+    }
+
+    /// NCHW latents → 8-bit RGB, as diffusers: decode(latents / scaling_factor), then
+    /// round(255 · clamp(x/2 + 0.5, 0, 1)).
+    pub fn decode(&self, latents: &HostTensor) -> Result<RgbImage> {
+        let b = &self.backend;
+        let scale = self.vae.config().scaling_factor;
+        let z = HostTensor::new(
+            latents.shape.clone(),
+            latents.data.iter().map(|x| x / scale).collect(),
+        )?;
+        let image = self.vae.decode(b, &b.upload(&z.nchw_to_nhwc()?)?)?; // [1, H, W, 3]
+        let image = b.download(&image)?;
+        let (height, width) = (image.shape[1], image.shape[2]);
+        if image.data.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Backend("the VAE produced non-finite pixels".into()));
+        }
+        let pixels = image
+            .data
+            .iter()
+            .map(|&v| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        Ok(RgbImage {
+            width,
+            height,
+            pixels,
+        })
+    }
+}
+
+/// A loaded model on some backend, as the engine and the CLI see it (the backend's type erased).
+pub trait ImageGenerator: Send {
+    /// See [`Pipeline::generate`].
+    fn generate(
+        &self,
+        request: &GenerationRequest,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>>;
+    /// The model's native `(width, height)`.
+    fn native_size(&self) -> (usize, usize);
+    /// Width and height must be multiples of this.
+    fn latent_factor(&self) -> usize;
+    /// The scheduler named by the model's scheduler config.
+    fn default_scheduler(&self) -> Result<SchedulerKind>;
+    /// The model's name for logs and PNG metadata.
+    fn model_name(&self) -> &str;
+    /// The device, for logs.
+    fn describe_device(&self) -> String;
+}
+
+impl<B: Backend> ImageGenerator for Pipeline<B> {
+    fn generate(
+        &self,
+        request: &GenerationRequest,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        Pipeline::generate(self, request, on_step)
+    }
+    fn native_size(&self) -> (usize, usize) {
+        Pipeline::native_size(self)
+    }
+    fn latent_factor(&self) -> usize {
+        Pipeline::latent_factor(self)
+    }
+    fn default_scheduler(&self) -> Result<SchedulerKind> {
+        Pipeline::default_scheduler(self)
+    }
+    fn model_name(&self) -> &str {
+        Pipeline::model_name(self)
+    }
+    fn describe_device(&self) -> String {
+        self.backend.describe()
+    }
+}

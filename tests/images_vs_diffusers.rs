@@ -1,0 +1,100 @@
+//! Whole images: every scheduler × prediction type, guidance on and off, native and odd sizes,
+//! against diffusers' `StableDiffusionPipeline` on the tiny fixture model
+//! (tests/fixtures/reference/images.*, made by scripts/make_fixtures.py).
+//!
+//! Tolerance (the issue's): mean |diff| ≤ 0.25/255 and max |diff| ≤ 2/255 against
+//! round(255·diffusers).
+
+mod common;
+
+use common::*;
+use sd21::backend::cpu::CpuBackend;
+use sd21::pipeline::{GenerationRequest, Pipeline};
+use sd21::sampling::SchedulerKind;
+use sd21::weights::ModelFiles;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct ImageCase {
+    name: String,
+    scheduler: String,
+    prediction_type: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance_scale: f32,
+    seed: u64,
+}
+
+fn load(prediction_type: &str) -> Pipeline<CpuBackend> {
+    let files = ModelFiles::locate(&tiny_model()).unwrap();
+    let mut pipeline = Pipeline::load(&files, CpuBackend::new()).unwrap();
+    pipeline.set_prediction_type(prediction_type).unwrap();
+    pipeline
+}
+
+#[test]
+fn images_match_diffusers_for_every_scheduler() {
+    let cases: Vec<ImageCase> =
+        serde_json::from_str(&std::fs::read_to_string(reference("images.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(reference("images.safetensors")).unwrap();
+    let images = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let pipelines = [
+        ("epsilon", load("epsilon")),
+        ("v_prediction", load("v_prediction")),
+    ];
+    let mut failures = Vec::new();
+    for case in &cases {
+        let pipeline = &pipelines
+            .iter()
+            .find(|(p, _)| *p == case.prediction_type)
+            .expect("prediction type")
+            .1;
+        let request = GenerationRequest {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone().unwrap_or_default(),
+            width: case.width,
+            height: case.height,
+            steps: case.steps,
+            cfg_scale: case.guidance_scale,
+            seed: case.seed,
+            scheduler: SchedulerKind::from_name(&case.scheduler).unwrap(),
+            number_of_images: 1,
+        };
+        let ours = pipeline.generate(&request, &mut |_| true).unwrap();
+        let expected = images.tensor(&case.name).unwrap();
+        assert_eq!(
+            expected.shape(),
+            &[case.height, case.width, 3],
+            "{}",
+            case.name
+        );
+        let ours = &ours[0].image;
+        assert_eq!(
+            (ours.width, ours.height),
+            (case.width, case.height),
+            "{}",
+            case.name
+        );
+        let (mut max, mut sum) = (0u8, 0u64);
+        for (a, b) in ours.pixels.iter().zip(expected.data()) {
+            let d = a.abs_diff(*b);
+            max = max.max(d);
+            sum += u64::from(d);
+        }
+        let mean = sum as f64 / ours.pixels.len() as f64;
+        eprintln!(
+            "{}: mean |diff| {:.4}/255, max {}/255",
+            case.name, mean, max
+        );
+        if mean > 0.25 || max > 2 {
+            failures.push(format!("{}: mean {mean:.4}, max {max}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "images differ from diffusers: {failures:?}"
+    );
+}
