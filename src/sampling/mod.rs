@@ -1,1 +1,3 @@
-//! (being written)
+//! Sampling: diffusers-compatible schedulers and torch's CPU random generator (schedulers next).
+
+pub mod rng;
