@@ -6,6 +6,7 @@
 //! (converted from PyTorch's OIHW once, at load time).
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::tensor::HostTensor;
 use crate::Result;

@@ -1,0 +1,335 @@
+//! [`CudaBackend`]: device selection, the stream, the cuBLAS handle, the loaded kernels, tensor
+//! allocation, and the `Backend` impl that hands each op to its family's wrapper.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use half::f16;
+
+use super::kernels::{driver_error, Kernels};
+use super::{attention, conv, elementwise, linear, norm};
+use crate::backend::Backend;
+use crate::tensor::HostTensor;
+use crate::{Error, Result};
+
+/// An f16 tensor in device memory, row-major. Clones share the storage.
+#[derive(Clone)]
+pub struct CudaTensor {
+    pub(super) shape: Vec<usize>,
+    pub(super) data: Arc<CudaSlice<f16>>,
+}
+
+impl CudaTensor {
+    pub(super) fn new(shape: Vec<usize>, data: CudaSlice<f16>) -> Self {
+        CudaTensor {
+            shape,
+            data: Arc::new(data),
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements (the shape was checked when the tensor was made).
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// `[.., C]` → `(rows, C)`; a 0-dimensional tensor is an error.
+    pub(super) fn rows_and_last(&self, op: &'static str, what: &str) -> Result<(usize, usize)> {
+        match self.shape.split_last() {
+            Some((&last, lead)) => Ok((lead.iter().product(), last)),
+            None => Err(Error::shape(
+                op,
+                format!("{what} needs at least 1 dimension, got a scalar"),
+            )),
+        }
+    }
+
+    /// Errors unless this tensor has exactly shape `want`.
+    pub(super) fn expect_shape(&self, op: &'static str, what: &str, want: &[usize]) -> Result<()> {
+        if self.shape == want {
+            Ok(())
+        } else {
+            Err(Error::shape(
+                op,
+                format!("{what} must have shape {want:?}, got {:?}", self.shape),
+            ))
+        }
+    }
+}
+
+impl fmt::Debug for CudaTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaTensor(f16 {:?})", self.shape)
+    }
+}
+
+/// The number of CUDA devices, or why there are none usable. Probes the driver library first, so
+/// it never panics on a machine without one.
+pub(super) fn device_count() -> Result<usize> {
+    // SAFETY: `is_culib_present` only tries to dlopen the driver library by its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Backend(
+            "no CUDA driver: libcuda.so could not be loaded".into(),
+        ));
+    }
+    let n = CudaContext::device_count().map_err(driver_error("cuInit / device count"))?;
+    Ok(n.max(0) as usize)
+}
+
+/// The CUDA backend: one device, one stream, f16 tensors. `Send + Sync`; ops issued from several
+/// threads are serialised on the one stream in the order they arrive.
+pub struct CudaBackend {
+    pub(super) ctx: Arc<CudaContext>,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) blas: CudaBlas,
+    pub(super) kernels: Kernels,
+    debug_checks: AtomicBool,
+    description: String,
+}
+
+impl fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.description)
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`. Errors (never panics) when the driver is missing, the device does
+    /// not exist, its compute capability is below 8.0, the kernels do not load, or cuBLAS is
+    /// missing (`libcublas.so.13` must be on the loader path).
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::Backend(format!(
+                "cuda:{ordinal}: no such device ({count} CUDA device(s) visible)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_error("creating the context"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(driver_error("reading the compute capability"))?;
+        if major < 8 {
+            return Err(Error::Backend(format!(
+                "cuda:{ordinal}: compute capability {major}.{minor}; the kernels need 8.0 or newer \
+                 (mma.sync, cp.async)"
+            )));
+        }
+        // SAFETY: every tensor of this backend is used on the single stream created below, so
+        // cudarc's cross-stream event tracking is not needed (and would add an event record and
+        // wait to every launch). It is switched off before the first allocation.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(driver_error("creating a stream"))?;
+        let kernels = Kernels::load(&ctx)?;
+        // SAFETY: only tries to dlopen cuBLAS by its usual names.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Backend(
+                "cuBLAS not found: libcublas.so.13 (and libcublasLt.so.13) must be on the loader \
+                 path (LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| Error::Backend(format!("creating the cuBLAS handle: {e}")))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+        let description =
+            format!("cuda:{ordinal} {name} (sm_{major}{minor}, {mem:.0} GiB, f16 storage)");
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            kernels,
+            debug_checks: AtomicBool::new(false),
+            description,
+        })
+    }
+
+    /// Debug mode (tests): every fresh output is filled with NaN before its kernel runs, so an
+    /// element a kernel forgets to write shows up, and the stream is synchronised after every
+    /// launch, so an asynchronous fault is reported with the name of the kernel that caused it.
+    pub fn set_debug_checks(&self, on: bool) {
+        self.debug_checks.store(on, Ordering::Relaxed);
+    }
+
+    pub(super) fn debug_checks(&self) -> bool {
+        self.debug_checks.load(Ordering::Relaxed)
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_error("synchronising the stream"))
+    }
+
+    /// A fresh f16 buffer of `n` elements for the output of `op` (NaN-filled in debug mode).
+    pub(super) fn alloc_f16(&self, op: &'static str, n: usize) -> Result<CudaSlice<f16>> {
+        // SAFETY: the memory is uninitialised; every caller launches a kernel that writes all `n`
+        // elements before the tensor is handed out (debug mode checks this by poisoning first).
+        let mut out = unsafe { self.stream.alloc::<f16>(n) }.map_err(alloc_error(op, n * 2))?;
+        if self.debug_checks() {
+            elementwise::fill_u16(self, &mut out, 0xFFFF)?;
+        }
+        Ok(out)
+    }
+
+    /// A scratch f32 buffer (never handed out; written by the kernel that needs it).
+    pub(super) fn alloc_f32(&self, op: &'static str, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: scratch space; the caller's first kernel writes every element it later reads.
+        unsafe { self.stream.alloc::<f32>(n) }.map_err(alloc_error(op, n * 4))
+    }
+
+    /// After each launch: in debug mode, synchronise so that a fault names its kernel.
+    pub(super) fn after_launch(&self, kernel: &'static str) -> Result<()> {
+        if self.debug_checks() {
+            self.stream
+                .synchronize()
+                .map_err(|e| Error::Backend(format!("kernel {kernel} failed: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+fn alloc_error(
+    op: &'static str,
+    bytes: usize,
+) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    move |e| {
+        Error::Backend(format!(
+            "{op}: allocating {:.1} MiB of device memory failed: {e}",
+            bytes as f64 / (1 << 20) as f64
+        ))
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<CudaTensor> {
+        elementwise::upload(self, host)
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<HostTensor> {
+        elementwise::download(self, t)
+    }
+
+    fn shape<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn reshape(&self, t: &CudaTensor, shape: &[usize]) -> Result<CudaTensor> {
+        let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if n != Some(t.numel()) {
+            return Err(Error::shape(
+                "reshape",
+                format!(
+                    "cannot view {:?} ({} values) as {shape:?}",
+                    t.shape,
+                    t.numel()
+                ),
+            ));
+        }
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            data: Arc::clone(&t.data),
+        })
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        linear::linear(self, x, weight, bias)
+    }
+
+    fn conv2d(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        stride: usize,
+        padding: usize,
+        residual: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        conv::conv2d(self, x, weight, bias, stride, padding, residual)
+    }
+
+    fn group_norm(
+        &self,
+        x: &CudaTensor,
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<CudaTensor> {
+        norm::group_norm(self, x, groups, gamma, beta, eps, silu)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        norm::layer_norm(self, x, gamma, beta, eps)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<CudaTensor> {
+        attention::attention(self, q, k, v, heads, causal)
+    }
+
+    fn geglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        elementwise::geglu(self, x)
+    }
+
+    fn gelu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        elementwise::unary(self, "gelu_f16", x)
+    }
+
+    fn silu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        elementwise::unary(self, "silu_f16", x)
+    }
+
+    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        elementwise::add(self, a, b)
+    }
+
+    fn add_per_channel(&self, x: &CudaTensor, v: &CudaTensor) -> Result<CudaTensor> {
+        elementwise::add_per_channel(self, x, v)
+    }
+
+    fn upsample_nearest(&self, x: &CudaTensor, out_h: usize, out_w: usize) -> Result<CudaTensor> {
+        elementwise::upsample_nearest(self, x, out_h, out_w)
+    }
+
+    fn concat_channels(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        elementwise::concat_channels(self, a, b)
+    }
+
+    fn embedding(&self, ids: &[u32], table: &CudaTensor) -> Result<CudaTensor> {
+        elementwise::embedding(self, ids, table)
+    }
+}

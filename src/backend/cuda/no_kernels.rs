@@ -1,0 +1,138 @@
+//! The CUDA backend of a binary built without kernels (no nvcc, or no libclang, at build time).
+//!
+//! Same public API as the real one so that callers and tests compile everywhere, but no value of
+//! [`CudaBackend`] or [`CudaTensor`] can exist: both hold an uninhabited field, `new` always
+//! returns [`Error::Backend`] with the reason `build.rs` recorded, and the trait methods are
+//! statically unreachable.
+
+use std::convert::Infallible;
+
+use crate::backend::Backend;
+use crate::tensor::HostTensor;
+use crate::{Error, Result};
+
+/// Why `build.rs` compiled no kernels.
+pub(super) const REASON: &str = match option_env!("SD21_KERNELS_MISSING") {
+    Some(r) => r,
+    None => "the build script recorded no reason",
+};
+
+/// A tensor on a CUDA device (never constructed in a build without kernels).
+#[derive(Clone, Debug)]
+pub struct CudaTensor {
+    never: Infallible,
+}
+
+/// The CUDA backend (never constructed in a build without kernels).
+#[derive(Debug)]
+pub struct CudaBackend {
+    never: Infallible,
+}
+
+impl CudaBackend {
+    /// Always an error here: this binary was built without CUDA kernels.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        Err(Error::Backend(format!(
+            "cuda:{ordinal}: this binary was built without CUDA kernels: {REASON}. Rebuild with \
+             NVCC=$(scripts/install-nvcc.sh) (and libclang installed)"
+        )))
+    }
+
+    /// See the real backend: poison fresh outputs and synchronise after every launch.
+    pub fn set_debug_checks(&self, _on: bool) {
+        match self.never {}
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        match self.never {}
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+
+    fn describe(&self) -> String {
+        match self.never {}
+    }
+    fn upload(&self, _: &HostTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn download(&self, _: &CudaTensor) -> Result<HostTensor> {
+        match self.never {}
+    }
+    fn shape<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
+        match t.never {}
+    }
+    fn reshape(&self, _: &CudaTensor, _: &[usize]) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn linear(&self, _: &CudaTensor, _: &CudaTensor, _: Option<&CudaTensor>) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn conv2d(
+        &self,
+        _: &CudaTensor,
+        _: &CudaTensor,
+        _: Option<&CudaTensor>,
+        _: usize,
+        _: usize,
+        _: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn group_norm(
+        &self,
+        _: &CudaTensor,
+        _: usize,
+        _: &CudaTensor,
+        _: &CudaTensor,
+        _: f32,
+        _: bool,
+    ) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn layer_norm(
+        &self,
+        _: &CudaTensor,
+        _: &CudaTensor,
+        _: &CudaTensor,
+        _: f32,
+    ) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn attention(
+        &self,
+        _: &CudaTensor,
+        _: &CudaTensor,
+        _: &CudaTensor,
+        _: usize,
+        _: bool,
+    ) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn geglu(&self, _: &CudaTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn gelu(&self, _: &CudaTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn silu(&self, _: &CudaTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn add(&self, _: &CudaTensor, _: &CudaTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn add_per_channel(&self, _: &CudaTensor, _: &CudaTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn upsample_nearest(&self, _: &CudaTensor, _: usize, _: usize) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn concat_channels(&self, _: &CudaTensor, _: &CudaTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn embedding(&self, _: &[u32], _: &CudaTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+}
