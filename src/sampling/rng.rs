@@ -217,6 +217,34 @@ mod tests {
         }
     }
 
+    /// Long streams that cross mt19937's 624-word regeneration several times (torch 2.15 values):
+    /// `torch.randn(2000, generator=manual_seed(3))`, and 50 calls of `randn(15)` on one generator.
+    #[test]
+    fn long_streams_match_torch() {
+        let a = TorchGenerator::new(3).randn(2000);
+        let picks = [
+            (0, -0.076_644_294f32),
+            (623, -0.331_637_1),
+            (624, -0.519_167_3),
+            (1247, -0.908_819_2),
+            (1248, -2.017_830_1),
+            (1999, 1.185_443_6),
+        ];
+        for (i, want) in picks {
+            assert!((a[i] - want).abs() <= 1e-6, "[{i}] {} vs {want}", a[i]);
+        }
+        let sum: f64 = a.iter().map(|&x| x as f64).sum();
+        assert!((sum - -80.713_004_057_121).abs() < 1e-4, "sum {sum}");
+
+        let mut g = TorchGenerator::new(3);
+        let b: Vec<f32> = (0..50).flat_map(|_| g.randn(15)).collect();
+        assert_eq!(b[0], 0.803_276_06);
+        assert_eq!(b[400], -0.175_844_28);
+        assert_eq!(b[749], 0.036_776_237);
+        let sum: f64 = b.iter().map(|&x| x as f64).sum();
+        assert!((sum - -37.643_025_087_425_485).abs() < 1e-9, "sum {sum}");
+    }
+
     /// (name, shape, values) of every tensor in a safetensors file.
     type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
 
