@@ -301,13 +301,23 @@ mod tests {
         assert_eq!(np_interp(5.0, &fp), 7.0);
     }
 
-    /// `torch.linspace(0.00085**0.5, 0.012**0.5, 1000)[k]` printed by torch 2.15.
+    /// `torch.linspace(0.00085**0.5, 0.012**0.5, 1000)[k]` printed by torch 2.15; 57, 58 and 932
+    /// are elements where an unfused `start + step·k` would be one ulp off.
     #[test]
     fn torch_linspace_is_bit_exact() {
         let v = torch_linspace_f32(0.00085f64.powf(0.5), 0.012f64.powf(0.5), 1000);
         assert_eq!(v.len(), 1000);
         assert_eq!(v[0], 0.00085f64.sqrt() as f32);
         assert_eq!(v[999], 0.012f64.sqrt() as f32);
+        for (k, want) in [
+            (57, 0.033_741_56f32),
+            (58, 0.033_822_034),
+            (499, 0.069_309_4),
+            (500, 0.069_389_865),
+            (932, 0.104_153),
+        ] {
+            assert_eq!(v[k], want, "[{k}]");
+        }
         assert_eq!(torch_linspace_f32(2.0, 5.0, 1), vec![2.0]);
     }
 }
