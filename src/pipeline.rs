@@ -165,8 +165,8 @@ impl<B: Backend> Pipeline<B> {
         let f = self.latent_factor();
         if request.width == 0
             || request.height == 0
-            || request.width % f != 0
-            || request.height % f != 0
+            || !request.width.is_multiple_of(f)
+            || !request.height.is_multiple_of(f)
         {
             return Err(Error::InvalidArgument(format!(
                 "width and height must be positive multiples of {f}, got {}×{}",
