@@ -1,0 +1,165 @@
+//! The one place the CPU backend calls the `gemm` crate: a safe, bounds-checked wrapper over
+//! `gemm::gemm` for f32 with arbitrary (non-negative) strides, so callers can multiply strided
+//! views (a linear weight `[N, K]` read as `Kᵀ`, one head's channels of `[B, N, H·D]`) without
+//! copying them.
+
+use gemm::Parallelism;
+
+use crate::{Error, Result};
+
+/// A read-only strided matrix view: element `(r, c)` is `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    pub fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        MatRef { data, rs, cs }
+    }
+}
+
+/// Whether the calling code wants `gemm` to use the rayon pool itself (one big product) or to run
+/// on the calling thread (the caller already parallelises over independent products).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Par {
+    Rayon,
+    Sequential,
+}
+
+/// Checks that every index `(r, c)` with `r < rows`, `c < cols` of a strided view lies inside a
+/// slice of `len` elements.
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    let last = (rows - 1)
+        .checked_mul(rs)
+        .and_then(|a| (cols - 1).checked_mul(cs).and_then(|b| a.checked_add(b)));
+    matches!(last, Some(i) if i < len) && isize::try_from(rs).is_ok() && isize::try_from(cs).is_ok()
+}
+
+/// `dst[m, n] (row stride dst_rs, unit column stride) = (accumulate ? dst : 0) + scale · lhs[m, k] · rhs[k, n]`.
+///
+/// Out-of-bounds views are an internal bug, reported as `Error::Backend` rather than undefined
+/// behaviour.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    accumulate: bool,
+    scale: f32,
+    par: Par,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // Rows of `dst` must not overlap (dst_rs ≥ n), or parallel writes inside gemm would race.
+    if dst_rs < n || !fits(dst.len(), m, n, dst_rs, 1) {
+        return Err(Error::Backend(format!(
+            "matmul: destination view {m}×{n} (row stride {dst_rs}) exceeds {} elements",
+            dst.len()
+        )));
+    }
+    if !fits(lhs.data.len(), m, k, lhs.rs, lhs.cs) || !fits(rhs.data.len(), k, n, rhs.rs, rhs.cs) {
+        return Err(Error::Backend(format!(
+            "matmul: operand views exceed their storage (m={m}, n={n}, k={k}, lhs {} elements, rhs {} elements)",
+            lhs.data.len(),
+            rhs.data.len()
+        )));
+    }
+    let parallelism = match par {
+        Par::Rayon => Parallelism::Rayon(0),
+        Par::Sequential => Parallelism::None,
+    };
+    // SAFETY: `fits` checked that every element gemm reads (`lhs` for r < m, c < k; `rhs` for
+    // r < k, c < n) and writes (`dst` for r < m, c < n) lies inside its slice, and that every stride
+    // fits in `isize`. `dst` is borrowed mutably, so it cannot alias `lhs`/`rhs` (shared borrows),
+    // and `dst_rs ≥ n` with unit column stride makes distinct (r, c) distinct elements, so gemm's
+    // parallel tiles never write the same location. With `accumulate == false`, gemm does not read
+    // `dst` (alpha is ignored), so its prior contents do not matter.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_matmul_matches_naive() {
+        // lhs 3×5 stored column-major inside a padded buffer, rhs 5×4 row-major with padding.
+        let (m, n, k) = (3, 4, 5);
+        let lhs: Vec<f32> = (0..40).map(|i| (i as f32 * 0.37).sin()).collect();
+        let rhs: Vec<f32> = (0..60).map(|i| (i as f32 * 0.71).cos()).collect();
+        let (lrs, lcs) = (1, 7);
+        let (rrs, rcs) = (9, 2);
+        let mut dst = vec![0.5f32; 3 * 6];
+        matmul(
+            &mut dst,
+            6,
+            m,
+            n,
+            k,
+            MatRef::new(&lhs, lrs, lcs),
+            MatRef::new(&rhs, rrs, rcs),
+            true,
+            2.0,
+            Par::Sequential,
+        )
+        .unwrap();
+        for r in 0..m {
+            for c in 0..6 {
+                let want = if c < n {
+                    let dot: f64 = (0..k)
+                        .map(|d| lhs[r * lrs + d * lcs] as f64 * rhs[d * rrs + c * rcs] as f64)
+                        .sum();
+                    0.5 + 2.0 * dot
+                } else {
+                    0.5 // untouched padding
+                };
+                assert!((dst[r * 6 + c] as f64 - want).abs() < 1e-5, "({r},{c})");
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_bounds_views_are_errors() {
+        let a = vec![1.0f32; 6];
+        let mut d = vec![0.0f32; 4];
+        let view = MatRef::new(&a, 3, 1);
+        // lhs 2×3 fits; rhs would need 3×2 with row stride 3 → last index 7 ≥ 6.
+        assert!(matmul(&mut d, 2, 2, 2, 3, view, view, false, 1.0, Par::Sequential).is_err());
+        // dst rows overlapping.
+        assert!(matmul(&mut d, 1, 2, 2, 3, view, view, false, 1.0, Par::Sequential).is_err());
+    }
+}
