@@ -1,15 +1,132 @@
-//! Fused attention (being written).
+//! Wrapper of `kernels/attention.cu`: head dim 64 goes to the tensor-core flash kernel, any other
+//! head dim up to 512 to the generic CUDA-core kernel sized for it.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::backend::{CudaBackend, CudaTensor};
+use super::kernels::params::AttentionParams;
+use super::kernels::{launch_error, to_i32};
 use crate::{Error, Result};
 
+/// The largest head dim of the generic kernel (32 lanes × 16 registers per query).
+const MAX_GENERIC_HEAD_DIM: usize = 512;
+/// Queries per block of the flash kernel and of the generic one.
+const FLASH_BQ: usize = 64;
+const GENERIC_BQ: usize = 16;
+/// Keys per tile of the generic kernel.
+const GENERIC_BK: usize = 32;
+
+/// `q [B, Nq, H·D]`, `k`/`v [B, Nk, H·D]` → `[B, Nq, H·D]`, scale 1/√D, optional causal mask.
 pub(super) fn attention(
-    _be: &CudaBackend,
-    _q: &CudaTensor,
-    _k: &CudaTensor,
-    _v: &CudaTensor,
-    _heads: usize,
-    _causal: bool,
+    be: &CudaBackend,
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    heads: usize,
+    causal: bool,
 ) -> Result<CudaTensor> {
-    Err(Error::Backend("attention: not written yet".into()))
+    const OP: &str = "attention";
+    let [b, nq, hd] = q.shape[..] else {
+        return Err(Error::shape(
+            OP,
+            format!("q must be [B, N, H·D], got {:?}", q.shape),
+        ));
+    };
+    let [kb, nk, khd] = k.shape[..] else {
+        return Err(Error::shape(
+            OP,
+            format!("k must be [B, N, H·D], got {:?}", k.shape),
+        ));
+    };
+    if kb != b || khd != hd {
+        return Err(Error::shape(
+            OP,
+            format!("k {:?} does not match q {:?}", k.shape, q.shape),
+        ));
+    }
+    v.expect_shape(OP, "v", &k.shape)?;
+    if heads == 0 || !hd.is_multiple_of(heads) {
+        return Err(Error::shape(
+            OP,
+            format!("{hd} channels cannot be split into {heads} heads"),
+        ));
+    }
+    let d = hd / heads;
+    let mut out = be.alloc_f16(OP, q.numel())?;
+    if q.numel() == 0 {
+        return Ok(CudaTensor::new(q.shape.clone(), out));
+    }
+    if nk == 0 {
+        return Err(Error::shape(
+            OP,
+            "attention over zero keys is undefined".to_string(),
+        ));
+    }
+    if d > MAX_GENERIC_HEAD_DIM {
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: head dim {d} is above the supported {MAX_GENERIC_HEAD_DIM}"
+        )));
+    }
+    let bh = b * heads;
+    if bh > 65535 {
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: batch × heads = {bh} exceeds the grid limit 65535"
+        )));
+    }
+    let p = AttentionParams {
+        batch: to_i32(OP, "batch", b)?,
+        heads: to_i32(OP, "heads", heads)?,
+        q_len: to_i32(OP, "query length", nq)?,
+        kv_len: to_i32(OP, "key length", nk)?,
+        head_dim: to_i32(OP, "head dim", d)?,
+        causal: causal as i32,
+        scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+    };
+
+    let (kernel, cfg) = if d == 64 {
+        (
+            "flash_attention_d64",
+            LaunchConfig {
+                grid_dim: (nq.div_ceil(FLASH_BQ) as u32, bh as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    } else {
+        let dpl = d.div_ceil(32).next_power_of_two();
+        let kernel = match dpl {
+            1 => "attention_generic_1",
+            2 => "attention_generic_2",
+            4 => "attention_generic_4",
+            8 => "attention_generic_8",
+            _ => "attention_generic_16",
+        };
+        let smem = (GENERIC_BQ * d + GENERIC_BK * (d | 1) + GENERIC_BK * d) * 2;
+        (
+            kernel,
+            LaunchConfig {
+                grid_dim: (nq.div_ceil(GENERIC_BQ) as u32, bh as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            },
+        )
+    };
+    let f = be
+        .kernels
+        .get_with_smem(kernel, cfg.shared_mem_bytes as usize)?;
+    let mut launch = be.stream.launch_builder(f);
+    launch
+        .arg(q.data.as_ref())
+        .arg(k.data.as_ref())
+        .arg(v.data.as_ref())
+        .arg(&mut out)
+        .arg(&p);
+    // SAFETY: (const __half* q, const __half* k, const __half* v, __half* out, AttentionParams):
+    // q and out hold B·Nq·H·D f16, k and v B·Nk·H·D (shapes checked above); block (x, y) reads
+    // query rows < Nq and key rows < Nk of batch y / H, head y % H only, and writes its own query
+    // rows. The flash kernel (D = 64) uses 46 KB of static shared memory; the generic one gets
+    // exactly the dynamic size it indexes (limit raised by get_with_smem).
+    unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
+    be.after_launch(kernel)?;
+    Ok(CudaTensor::new(q.shape.clone(), out))
 }

@@ -38,29 +38,52 @@ pub(super) fn build_info() -> String {
 }
 
 /// Every kernel the wrappers launch, by module (file stem of `kernels/*.cu`).
-const KERNELS: &[(&str, &[&str])] = &[(
-    "elementwise",
-    &[
-        "cast_f32_to_f16",
-        "cast_f16_to_f32",
-        "fill_u16",
-        "gelu_f16",
-        "silu_f16",
-        "add_f16",
-        "add_per_channel_f16",
-        "bias_add_f16",
-        "geglu_f16",
-        "upsample_nearest_f16",
-        "concat_channels_f16",
-        "embedding_f16",
-    ],
-)];
+const KERNELS: &[(&str, &[&str])] = &[
+    (
+        "elementwise",
+        &[
+            "cast_f32_to_f16",
+            "cast_f16_to_f32",
+            "fill_u16",
+            "gelu_f16",
+            "silu_f16",
+            "add_f16",
+            "add_per_channel_f16",
+            "bias_add_f16",
+            "geglu_f16",
+            "upsample_nearest_f16",
+            "concat_channels_f16",
+            "embedding_f16",
+        ],
+    ),
+    (
+        "norm",
+        &[
+            "group_norm_stats_v8",
+            "group_norm_stats_v1",
+            "group_norm_finalize",
+            "group_norm_apply",
+            "layer_norm_f16",
+        ],
+    ),
+    (
+        "attention",
+        &[
+            "flash_attention_d64",
+            "attention_generic_1",
+            "attention_generic_2",
+            "attention_generic_4",
+            "attention_generic_8",
+            "attention_generic_16",
+        ],
+    ),
+    ("conv", &["conv2d_implicit_gemm", "conv2d_direct"]),
+];
 
 /// The loaded kernel functions, by name.
 pub(super) struct Kernels {
     functions: HashMap<&'static str, CudaFunction>,
     /// The most dynamic shared memory one block may opt in to on this device.
-    #[allow(dead_code)] // read by the conv and attention wrappers (next commits)
     max_smem_optin: usize,
 }
 
@@ -111,7 +134,6 @@ impl Kernels {
 
     /// The kernel `name`, allowed to use `bytes` of dynamic shared memory (raises the limit
     /// above the default 48 KiB when needed; errors when the device has less).
-    #[allow(dead_code)] // used by the conv and attention wrappers (next commits)
     pub(super) fn get_with_smem(&self, name: &'static str, bytes: usize) -> Result<&CudaFunction> {
         let f = self.get(name)?;
         if bytes > 48 * 1024 {
