@@ -10,7 +10,7 @@ use crate::sampling::rng::TorchGenerator;
 use crate::sampling::{build_scheduler, SchedulerKind};
 use crate::tensor::HostTensor;
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::{Loader, ModelFiles, SafeTensorsFile};
+use crate::weights::{Loader, ModelFiles, SafeTensorsFile, TensorSource};
 use crate::{Error, Result};
 
 /// Everything one generation needs besides the model.
@@ -48,6 +48,23 @@ pub struct GeneratedImage {
     pub image: RgbImage,
 }
 
+/// The parsed configs of the four components.
+#[derive(Debug, Clone)]
+pub struct ModelConfigs {
+    pub unet: UnetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: ClipTextConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+/// Where each component's tensors come from.
+#[derive(Clone, Copy)]
+pub struct ComponentSources<'a> {
+    pub text_encoder: &'a dyn TensorSource,
+    pub unet: &'a dyn TensorSource,
+    pub vae: &'a dyn TensorSource,
+}
+
 /// A loaded Stable Diffusion 2.x model on one backend.
 pub struct Pipeline<B: Backend> {
     backend: B,
@@ -62,22 +79,42 @@ pub struct Pipeline<B: Backend> {
 impl<B: Backend> Pipeline<B> {
     /// Loads every component of a diffusers-layout model folder onto `backend`.
     pub fn load(files: &ModelFiles, backend: B) -> Result<Self> {
-        let unet_config: UnetConfig = config::read_json(&files.unet_config)?;
-        let vae_config: VaeConfig = config::read_json(&files.vae_config)?;
-        let clip_config: ClipTextConfig = config::read_json(&files.text_encoder_config)?;
-        let scheduler_config: SchedulerConfig = config::read_json(&files.scheduler_config)?;
+        let configs = ModelConfigs {
+            unet: config::read_json(&files.unet_config)?,
+            vae: config::read_json(&files.vae_config)?,
+            text_encoder: config::read_json(&files.text_encoder_config)?,
+            scheduler: config::read_json(&files.scheduler_config)?,
+        };
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
-
         tracing::info!(path = %files.text_encoder_weights.display(), "loading text encoder");
-        let file = SafeTensorsFile::open(&files.text_encoder_weights)?;
-        let text_encoder = ClipTextModel::load(&Loader::new(&file, &backend), &clip_config)?;
+        let text_encoder = SafeTensorsFile::open(&files.text_encoder_weights)?;
         tracing::info!(path = %files.unet_weights.display(), "loading unet");
-        let file = SafeTensorsFile::open(&files.unet_weights)?;
-        let unet = Unet::load(&Loader::new(&file, &backend), &unet_config)?;
+        let unet = SafeTensorsFile::open(&files.unet_weights)?;
         tracing::info!(path = %files.vae_weights.display(), "loading vae");
-        let file = SafeTensorsFile::open(&files.vae_weights)?;
-        let vae = VaeDecoder::load(&Loader::new(&file, &backend), &vae_config)?;
+        let vae = SafeTensorsFile::open(&files.vae_weights)?;
+        let sources = ComponentSources {
+            text_encoder: &text_encoder,
+            unet: &unet,
+            vae: &vae,
+        };
+        Self::build(backend, tokenizer, configs, sources, files.model_name())
+    }
 
+    /// Builds the pipeline from parsed configs and any tensor sources (files, or
+    /// [`crate::weights::RandomWeights`] for benchmarks).
+    pub fn build(
+        backend: B,
+        tokenizer: ClipTokenizer,
+        configs: ModelConfigs,
+        sources: ComponentSources<'_>,
+        model_name: String,
+    ) -> Result<Self> {
+        let ModelConfigs {
+            unet: unet_config,
+            vae: vae_config,
+            text_encoder: clip_config,
+            scheduler: scheduler_config,
+        } = configs;
         if clip_config.hidden_size != unet_config.cross_attention_dim {
             return Err(Error::Config(format!(
                 "text encoder hidden_size {} does not match unet cross_attention_dim {}",
@@ -90,6 +127,10 @@ impl<B: Backend> Pipeline<B> {
                 vae_config.latent_channels, unet_config.in_channels
             )));
         }
+        let text_encoder =
+            ClipTextModel::load(&Loader::new(sources.text_encoder, &backend), &clip_config)?;
+        let unet = Unet::load(&Loader::new(sources.unet, &backend), &unet_config)?;
+        let vae = VaeDecoder::load(&Loader::new(sources.vae, &backend), &vae_config)?;
         Ok(Pipeline {
             backend,
             tokenizer,
@@ -97,7 +138,7 @@ impl<B: Backend> Pipeline<B> {
             unet,
             vae,
             scheduler_config,
-            model_name: files.model_name(),
+            model_name,
         })
     }
 

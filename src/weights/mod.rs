@@ -1,8 +1,10 @@
 //! Model files on disk: the diffusers folder layout, safetensors through memmap2, and the
 //! name-prefixed loader the models are built from.
 
+mod random;
 mod safetensors_file;
 
+pub use random::RandomWeights;
 pub use safetensors_file::SafeTensorsFile;
 
 use std::path::{Path, PathBuf};
@@ -97,10 +99,32 @@ fn component_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
     Err(Error::MissingFile { path: full, what })
 }
 
+/// Where a [`Loader`] reads named tensors from: a safetensors file, or generated weights.
+pub trait TensorSource: Sync {
+    /// Whether the source has a tensor called `name`.
+    fn contains(&self, name: &str) -> bool;
+    /// The stored shape of `name`, when the source knows it before reading.
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
+    /// `name` as f32; with `expected`, its shape must match.
+    fn get(&self, name: &str, expected: Option<&[usize]>) -> Result<HostTensor>;
+}
+
+impl TensorSource for SafeTensorsFile {
+    fn contains(&self, name: &str) -> bool {
+        SafeTensorsFile::shape_of(self, name).is_some()
+    }
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        SafeTensorsFile::shape_of(self, name).map(<[usize]>::to_vec)
+    }
+    fn get(&self, name: &str, expected: Option<&[usize]>) -> Result<HostTensor> {
+        SafeTensorsFile::get(self, name, expected)
+    }
+}
+
 /// Loads tensors by their checkpoint names under a prefix (`down_blocks.1.attentions.0`),
 /// checks their shapes and uploads them to a backend.
 pub struct Loader<'a, B: Backend> {
-    file: &'a SafeTensorsFile,
+    file: &'a dyn TensorSource,
     backend: &'a B,
     prefix: String,
 }
@@ -116,7 +140,7 @@ impl<B: Backend> Clone for Loader<'_, B> {
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
-    pub fn new(file: &'a SafeTensorsFile, backend: &'a B) -> Self {
+    pub fn new(file: &'a dyn TensorSource, backend: &'a B) -> Self {
         Loader {
             file,
             backend,
@@ -153,7 +177,7 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     /// Whether `name` exists under this prefix.
     pub fn contains(&self, name: &str) -> bool {
-        self.file.shape_of(&self.full_name(name)).is_some()
+        self.file.contains(&self.full_name(name))
     }
 
     /// Host copy of `name`, which must have exactly `shape`.
@@ -170,7 +194,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// (the same numbers), as checkpoints store projections either way.
     pub fn linear_weight(&self, name: &str, out: usize, inp: usize) -> Result<B::Tensor> {
         let full = self.full_name(name);
-        let host = match self.file.shape_of(&full) {
+        let host = match self.file.shape_of(&full).as_deref() {
             Some([_, _, 1, 1]) => self
                 .file
                 .get(&full, Some(&[out, inp, 1, 1]))?
