@@ -106,4 +106,16 @@ pub trait Backend: Send + Sync {
     fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// Row gather: `table [V, D]`, `ids` → `[ids.len(), D]`; an id ≥ V is an error.
     fn embedding(&self, ids: &[u32], table: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// A fresh copy of `x` on the device; `sd21-bench` measures the memory-bandwidth ceiling
+    /// with it, so a backend should override this slow default with a device-to-device copy.
+    fn copy(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.upload(&self.download(x)?)
+    }
+
+    /// Waits until every queued operation has finished (a no-op for synchronous backends);
+    /// benchmarks call it before reading the clock.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 }

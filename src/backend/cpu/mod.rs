@@ -242,6 +242,15 @@ impl Backend for CpuBackend {
     fn embedding(&self, ids: &[u32], table: &CpuTensor) -> Result<CpuTensor> {
         elementwise::embedding(ids, table)
     }
+
+    fn copy(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        use rayon::prelude::*;
+        let mut out = vec![0.0f32; x.numel()];
+        out.par_chunks_mut(1 << 16)
+            .zip(x.data().par_chunks(1 << 16))
+            .for_each(|(dst, src)| dst.copy_from_slice(src));
+        CpuTensor::new(x.shape().to_vec(), out)
+    }
 }
 
 /// Shared helpers for the tests of every file: a deterministic PRNG, tensor builders and the
