@@ -146,6 +146,11 @@ impl<B: Backend> Pipeline<B> {
         &self.backend
     }
 
+    /// The denoising UNet (benchmarks time it alone).
+    pub fn unet(&self) -> &Unet<B> {
+        &self.unet
+    }
+
     pub fn model_name(&self) -> &str {
         &self.model_name
     }

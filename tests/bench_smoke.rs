@@ -1,0 +1,103 @@
+//! `sd21-bench` end to end on the CPU: the kernel table on a small shape set (with its JSON) and
+//! the pipeline timings of the tiny random model.
+
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sd21-bench"))
+}
+
+#[test]
+fn kernels_table_and_json_cover_every_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("kernels.json");
+    let out = bench()
+        .args([
+            "kernels",
+            "--device",
+            "cpu",
+            "--shapes",
+            "smoke",
+            "--repeats",
+            "2",
+            "--json",
+        ])
+        .arg(&json_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ceilings: memory"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert!(report["ceilings"]["memory_gbs"].as_f64().unwrap() > 0.0);
+    assert!(report["ceilings"]["matrix_tflops"].as_f64().unwrap() > 0.0);
+    let ops = report["ops"].as_array().unwrap();
+    for name in [
+        "conv3x3",
+        "groupnorm",
+        "attention",
+        "linear",
+        "layernorm",
+        "geglu",
+        "upsample",
+        "concat",
+    ] {
+        let row = ops
+            .iter()
+            .find(|r| r["op"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing from {ops:?}"));
+        assert!(row["time_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["percent_of_ceiling"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(
+            stdout.contains(row["op"].as_str().unwrap()),
+            "the table prints {name}"
+        );
+    }
+}
+
+#[test]
+fn pipeline_times_the_tiny_random_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("pipeline.json");
+    let out = bench()
+        .args([
+            "pipeline",
+            "--device",
+            "cpu",
+            "--random",
+            "tiny",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+        ])
+        .arg(&json_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    for key in [
+        "text_encode_s",
+        "unet_step_s",
+        "vae_decode_s",
+        "generation_s_per_image",
+        "it_per_s",
+    ] {
+        assert!(
+            report["sd21"][key].as_f64().unwrap() > 0.0,
+            "{key}: {report}"
+        );
+    }
+    assert_eq!(report["sd21"]["width"], 64);
+}
