@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds, here, the test binaries that scripts/gpu-check.sh runs on a lent GPU machine (which has
+# no Rust toolchain): `cargo test --release --no-run` with every kernel compiled (nvcc from
+# scripts/install-nvcc.sh unless NVCC is set; SD21_REQUIRE_CUDA=1), then copies each test
+# executable, stripped, into the git-ignored folder .gpu-bin/ with a BUILD.txt saying what was
+# built from what. Carry that folder with the run: `carry: [".gpu-bin"]`.
+#
+# Usage: scripts/build-gpu-bin.sh [TEST_TARGET ...]   (default: cuda_ops)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(cuda_ops)
+
+if [ -z "${NVCC:-}" ]; then
+    NVCC="$(scripts/install-nvcc.sh)"
+fi
+export NVCC SD21_REQUIRE_CUDA=1
+
+out=.gpu-bin
+mkdir -p "$out"
+args=()
+for t in "${targets[@]}"; do args+=(--test "$t"); done
+
+json="$(mktemp)"
+trap 'rm -f "$json"' EXIT
+echo "build-gpu-bin: cargo test --release --no-run ${args[*]} (NVCC=$NVCC)" >&2
+cargo test --release --no-run "${args[@]}" --message-format=json-render-diagnostics >"$json"
+
+for t in "${targets[@]}"; do
+    # The compiler-artifact line of test target $t carries its executable's path.
+    exe="$(python3 - "$json" "$t" <<'PY'
+import json, sys
+path, name = sys.argv[1], sys.argv[2]
+for line in open(path):
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    if msg.get("reason") != "compiler-artifact":
+        continue
+    target = msg.get("target", {})
+    if target.get("name") == name and "test" in target.get("kind", []) and msg.get("executable"):
+        print(msg["executable"])
+PY
+)"
+    if [ -z "$exe" ] || [ ! -x "$exe" ]; then
+        echo "build-gpu-bin: no executable found for test target $t" >&2
+        exit 1
+    fi
+    cp "$exe" "$out/$t"
+    strip "$out/$t"
+    echo "build-gpu-bin: $out/$t ($(du -h "$out/$t" | cut -f1)) from $exe" >&2
+done
+
+{
+    echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!.gpu-bin' || echo ' (with uncommitted changes)')"
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), glibc $(ldd --version | head -n1 | awk '{print $NF}')"
+    echo "nvcc: $("$NVCC" --version | grep release)"
+    echo "archs: ${SD21_CUDA_ARCHS:-80,86,89,90 (default)}"
+    echo "targets: ${targets[*]}"
+} >"$out/BUILD.txt"
+
+total=$(du -sm "$out" | cut -f1)
+echo "build-gpu-bin: $out holds ${total} MiB (the run tool carries at most 64 MiB in all)" >&2
+if [ "$total" -gt 60 ]; then
+    echo "build-gpu-bin: WARNING: $out is close to or over the carry limit" >&2
+fi

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The one command run on a lent GPU machine (no Rust there): runs the prebuilt CUDA test binary
+# (every op vs the CPU backend, the tiny pipeline CUDA vs CPU) and writes a JSON report.
+#
+# Before the call, here: scripts/build-gpu-bin.sh  (fills the git-ignored .gpu-bin/)
+# The call:              run(command="bash scripts/gpu-check.sh", carry=[".gpu-bin"])
+#
+# - Fails cleanly (message, exit 2, a report saying why) when the prebuilt binary, the GPU, the
+#   driver or cuBLAS is missing.
+# - cuBLAS 13 lives inside PyPI packages on those machines (e.g. under /opt/torch/.venv), not on
+#   the loader path: libcublas.so.13 and libcublasLt.so.13 are searched for and their folders put
+#   on LD_LIBRARY_PATH (SD21_CUBLAS_DIR names a folder to try first).
+# - Tests run with SD21_EXPECT_GPU=1 (a test that would skip fails instead) and
+#   SD21_REPO_ROOT=$PWD (fixtures), under `timeout` (SD21_GPU_TEST_TIMEOUT seconds, default 420).
+# - Writes $OUT/gpu-check.json (OUT defaults to .gpu-bin/out) and the full log beside it; prints
+#   the report's path and a summary; exits non-zero when any test failed.
+# - `--no-gpu-probe` skips the GPU and cuBLAS checks and does not set SD21_EXPECT_GPU: only for
+#   testing this script's own logic on a machine without a GPU (the tests then skip).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+probe=1
+[ "${1:-}" = "--no-gpu-probe" ] && probe=0
+
+out="${OUT:-.gpu-bin/out}"
+mkdir -p "$out"
+report="$out/gpu-check.json"
+log="$out/cuda_ops.log"
+bin=.gpu-bin/cuda_ops
+started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+gpu_info=""
+cublas_dir=""
+
+# write_report STATUS MESSAGE [EXIT_CODE]: the JSON report (python3 when present, else a minimal
+# one by hand).
+write_report() {
+    local status="$1" message="$2" code="${3:-0}"
+    if command -v python3 >/dev/null 2>&1; then
+        STATUS="$status" MESSAGE="$message" CODE="$code" STARTED="$started" GPU="$gpu_info" \
+            CUBLAS="$cublas_dir" LOG="$log" BUILD=.gpu-bin/BUILD.txt python3 - >"$report" <<'PY'
+import json, os, re
+log_path = os.environ["LOG"]
+lines = open(log_path, errors="replace").read().splitlines() if os.path.exists(log_path) else []
+tests, checks, summary = {}, [], None
+in_failures = False
+for line in lines:
+    # With --nocapture and parallel tests, "test NAME ... " and its result can be split by other
+    # output: a name is recorded when seen, its result when on the same line, and the closing
+    # "failures:" list settles the failed ones.
+    m = re.match(r"^test (\S+) \.\.\. ?(ok|FAILED|ignored)?", line)
+    if m:
+        tests[m.group(1)] = m.group(2) or tests.get(m.group(1)) or "unknown"
+    if line == "failures:":
+        in_failures = True
+    elif in_failures:
+        m = re.match(r"^    (\S+)$", line)
+        if m:
+            tests[m.group(1)] = "FAILED"
+        elif line.strip() and not line.startswith("---- "):
+            in_failures = False
+    m = re.search(r"check (.+): rel_l2=(\S+) max_abs=(\S+)", line)
+    if m:
+        checks.append({"what": m.group(1), "rel_l2": float(m.group(2)), "max_abs": float(m.group(3))})
+    m = re.search(r"check (tiny pipeline .+): mean \|diff\| = (\S+)/255, max = (\d+)/255", line)
+    if m:
+        checks.append({"what": m.group(1), "mean_abs_diff_255": float(m.group(2)), "max_abs_diff_255": int(m.group(3))})
+    if line.startswith("test result:"):
+        summary = line
+build = open(os.environ["BUILD"]).read().splitlines() if os.path.exists(os.environ["BUILD"]) else []
+failed_lines = [l for l in lines if "panicked at" in l or l.startswith("thread '")]
+print(json.dumps({
+    "status": os.environ["STATUS"],
+    "message": os.environ["MESSAGE"],
+    "exit_code": int(os.environ["CODE"]),
+    "started": os.environ["STARTED"],
+    "gpu": os.environ["GPU"],
+    "cublas_dir": os.environ["CUBLAS"],
+    "build": build,
+    "summary": summary,
+    "tests": tests,
+    "passed": sorted(k for k, v in tests.items() if v == "ok"),
+    "failed": sorted(k for k, v in tests.items() if v == "FAILED"),
+    "checks": checks,
+    "panics": failed_lines[:50],
+    "log": log_path,
+}, indent=2))
+PY
+    else
+        printf '{"status": "%s", "message": "%s", "exit_code": %s, "log": "%s"}\n' \
+            "$status" "${message//\"/\'}" "$code" "$log" >"$report"
+    fi
+}
+
+fail() {
+    local code="$1" message="$2"
+    echo "gpu-check: FAILED: $message" >&2
+    write_report "error" "$message" "$code"
+    echo "gpu-check: report: $report" >&2
+    exit "$code"
+}
+
+# 1. The prebuilt binary.
+if [ ! -x "$bin" ]; then
+    fail 2 "no prebuilt test binary at $bin: run scripts/build-gpu-bin.sh before the call and carry .gpu-bin"
+fi
+[ -f .gpu-bin/BUILD.txt ] && sed 's/^/gpu-check: build: /' .gpu-bin/BUILD.txt >&2
+
+if [ "$probe" = 1 ]; then
+    # 2. A GPU and its driver.
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        fail 2 "no GPU here: nvidia-smi is not installed"
+    fi
+    if ! gpu_info="$(nvidia-smi --query-gpu=index,name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1)" ||
+        [ -z "$gpu_info" ]; then
+        fail 2 "no GPU here: nvidia-smi found no device ($gpu_info)"
+    fi
+    echo "gpu-check: GPU: $gpu_info" >&2
+
+    # 3. cuBLAS 13 (both libraries, one folder each; usually the same).
+    find_lib() {
+        local name="$1" d
+        for d in "${SD21_CUBLAS_DIR:-}" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+            [ -n "$d" ] && [ -e "$d/$name" ] && { echo "$d"; return 0; }
+        done
+        d="$(ldconfig -p 2>/dev/null | awk -v n="$name" '$1 == n {print $NF; exit}')"
+        [ -n "$d" ] && { dirname "$d"; return 0; }
+        d="$(find /opt/torch/.venv /opt /usr/local /usr/lib -name "$name" 2>/dev/null | head -n1)"
+        [ -n "$d" ] && { dirname "$d"; return 0; }
+        return 1
+    }
+    cublas_dir="$(find_lib libcublas.so.13)" || fail 2 "libcublas.so.13 not found (set SD21_CUBLAS_DIR)"
+    cublaslt_dir="$(find_lib libcublasLt.so.13)" || fail 2 "libcublasLt.so.13 not found (set SD21_CUBLAS_DIR)"
+    export LD_LIBRARY_PATH="$cublas_dir:$cublaslt_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "gpu-check: cuBLAS from $cublas_dir" >&2
+    export SD21_EXPECT_GPU=1
+fi
+
+# 4. The tests.
+export SD21_REPO_ROOT="$PWD" RUST_BACKTRACE=1
+echo "gpu-check: running $bin (log: $log)" >&2
+timeout "${SD21_GPU_TEST_TIMEOUT:-420}" "$bin" --nocapture --test-threads=4 >"$log" 2>&1
+rc=$?
+
+# 5. The report.
+if [ "$rc" = 0 ]; then
+    status="ok"
+    message="all CUDA tests passed"
+elif [ "$rc" = 124 ]; then
+    status="failed"
+    message="the tests ran past ${SD21_GPU_TEST_TIMEOUT:-420} s and were stopped"
+else
+    status="failed"
+    message="CUDA tests failed (exit $rc)"
+fi
+[ "$probe" = 0 ] && message="$message (--no-gpu-probe: no GPU checked, tests may have skipped)"
+write_report "$status" "$message" "$rc"
+grep -E "^(check |test result:|skipped:)|panicked at" "$log" | tail -n 80
+echo "gpu-check: $status: $message" >&2
+echo "gpu-check: report: $report" >&2
+exit "$rc"
