@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the CUDA kernel sources on the CPU (no GPU, no nvcc: g++ ≥ 12 with C++20) against double
+# precision references, to check indexing, tiling edges and tensor-core fragment layouts on a
+# machine without a GPU. See emu/common.cuh for how CUDA is emulated and what is not checked
+# (races, timing, anything the real hardware does differently from the PTX ISA's description).
+#
+# Usage: kernels/emu/run.sh   (prints one line per case; exit status non-zero on any failure)
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+kernels="$(dirname "$here")"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+cp "$here/common.cuh" "$here/check.cpp" "$work/"
+for f in "$kernels"/*.cu; do
+    # Shared memory → function statics (blocks run one at a time); dynamic shared memory → the
+    # emulator's per-launch buffer.
+    sed -E \
+        -e 's/extern __shared__ (__align__\([0-9]+\) )?([A-Za-z_0-9]+) ([A-Za-z_0-9]+)\[\];/\2 *\3 = reinterpret_cast<\2 *>(emu::dyn_smem);/' \
+        -e 's/__shared__/static/g' \
+        "$f" >"$work/$(basename "$f")"
+done
+g++ -std=c++20 -O2 -pthread -Wno-unknown-pragmas -I "$kernels" -I "$work" \
+    -o "$work/check" "$work/check.cpp"
+stdbuf -oL "$work/check"
