@@ -172,6 +172,9 @@ impl CudaBackend {
 
     /// A fresh f16 buffer of `n` elements for the output of `op` (NaN-filled in debug mode).
     pub(super) fn alloc_f16(&self, op: &'static str, n: usize) -> Result<CudaSlice<f16>> {
+        if n == 0 {
+            return self.stream.null().map_err(alloc_error(op, 0));
+        }
         // SAFETY: the memory is uninitialised; every caller launches a kernel that writes all `n`
         // elements before the tensor is handed out (debug mode checks this by poisoning first).
         let mut out = unsafe { self.stream.alloc::<f16>(n) }.map_err(alloc_error(op, n * 2))?;
@@ -183,6 +186,9 @@ impl CudaBackend {
 
     /// A scratch f32 buffer (never handed out; written by the kernel that needs it).
     pub(super) fn alloc_f32(&self, op: &'static str, n: usize) -> Result<CudaSlice<f32>> {
+        if n == 0 {
+            return self.stream.null().map_err(alloc_error(op, 0));
+        }
         // SAFETY: scratch space; the caller's first kernel writes every element it later reads.
         unsafe { self.stream.alloc::<f32>(n) }.map_err(alloc_error(op, n * 4))
     }

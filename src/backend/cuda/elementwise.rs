@@ -28,12 +28,12 @@ pub(super) fn upload(be: &CudaBackend, host: &HostTensor) -> Result<CudaTensor> 
         ));
     }
     let n = host.data.len();
-    let staging = be
-        .stream
-        .clone_htod(&host.data)
-        .map_err(driver_error("copying to the device"))?;
     let mut out = be.alloc_f16("upload", n)?;
     if n > 0 {
+        let staging = be
+            .stream
+            .clone_htod(&host.data)
+            .map_err(driver_error("copying to the device"))?;
         let n64 = to_i64("upload", "element count", n)?;
         let f = be.kernels.get(K)?;
         let mut launch = be.stream.launch_builder(f);

@@ -82,6 +82,7 @@ const KERNELS: &[(&str, &[&str])] = &[
 
 /// The loaded kernel functions, by name.
 pub(super) struct Kernels {
+    ctx: Arc<CudaContext>,
     functions: HashMap<&'static str, CudaFunction>,
     /// The most dynamic shared memory one block may opt in to on this device.
     max_smem_optin: usize,
@@ -120,6 +121,7 @@ impl Kernels {
             .map_err(driver_error("reading the shared-memory limit"))?
             .max(0) as usize;
         Ok(Kernels {
+            ctx: Arc::clone(ctx),
             functions,
             max_smem_optin,
         })
@@ -143,6 +145,9 @@ impl Kernels {
                     self.max_smem_optin
                 )));
             }
+            self.ctx
+                .bind_to_thread()
+                .map_err(driver_error("binding the context"))?;
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes as i32,
