@@ -1,6 +1,7 @@
 //! Model files on disk: the diffusers folder layout, safetensors through memmap2, and the
 //! name-prefixed loader the models are built from.
 
+pub mod hub;
 mod random;
 mod safetensors_file;
 
