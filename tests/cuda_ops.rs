@@ -175,6 +175,9 @@ fn upload_download_reshape_roundtrip() {
         let flat = g.reshape(&t, &[host.numel()]).unwrap();
         assert_eq!(g.download(&flat).unwrap().data, host.data);
         assert!(g.reshape(&t, &[host.numel() + 1]).is_err());
+        let copy = g.copy(&t).unwrap();
+        g.synchronize().unwrap();
+        assert_eq!(g.download(&copy).unwrap(), host, "copy {shape:?}");
     }
     assert!(g.describe().starts_with("cuda:0"));
 }

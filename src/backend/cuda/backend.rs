@@ -163,13 +163,6 @@ impl CudaBackend {
         self.debug_checks.load(Ordering::Relaxed)
     }
 
-    /// Waits for all queued work.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(driver_error("synchronising the stream"))
-    }
-
     /// A fresh f16 buffer of `n` elements for the output of `op` (NaN-filled in debug mode).
     pub(super) fn alloc_f16(&self, op: &'static str, n: usize) -> Result<CudaSlice<f16>> {
         if n == 0 {
@@ -337,5 +330,23 @@ impl Backend for CudaBackend {
 
     fn embedding(&self, ids: &[u32], table: &CudaTensor) -> Result<CudaTensor> {
         elementwise::embedding(self, ids, table)
+    }
+
+    /// A device-to-device copy (`cuMemcpyDtoDAsync`).
+    fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let mut out = self.alloc_f16("copy", x.numel())?;
+        if x.numel() > 0 {
+            self.stream
+                .memcpy_dtod(x.data.as_ref(), &mut out)
+                .map_err(driver_error("copying on the device"))?;
+        }
+        Ok(CudaTensor::new(x.shape.clone(), out))
+    }
+
+    /// Waits for all work queued on the backend's stream.
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_error("synchronising the stream"))
     }
 }

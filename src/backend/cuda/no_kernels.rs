@@ -42,11 +42,6 @@ impl CudaBackend {
     pub fn set_debug_checks(&self, _on: bool) {
         match self.never {}
     }
-
-    /// Waits for all queued work.
-    pub fn synchronize(&self) -> Result<()> {
-        match self.never {}
-    }
 }
 
 impl Backend for CudaBackend {
