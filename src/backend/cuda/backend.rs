@@ -127,6 +127,9 @@ impl CudaBackend {
         let stream = ctx
             .new_stream()
             .map_err(driver_error("creating a stream"))?;
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx)?;
+        }
         let kernels = Kernels::load(&ctx)?;
         // SAFETY: only tries to dlopen cuBLAS by its usual names.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -195,6 +198,32 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// Every op allocates its output with `cuMemAllocAsync` from the device's default memory pool,
+/// whose release threshold is 0: at each synchronisation it hands freed memory back to the driver
+/// and the next step allocates it again. A threshold of "never" keeps freed blocks for reuse
+/// (what PyTorch's caching allocator does); the pool still shrinks when another allocation in the
+/// process needs the memory.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(driver_error("reading the default memory pool"))?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: CU_MEMPOOL_ATTR_RELEASE_THRESHOLD takes a pointer to a cuuint64_t, which
+    // `threshold` is for the duration of the call.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(driver_error("setting the memory pool's release threshold"))
 }
 
 fn alloc_error(
