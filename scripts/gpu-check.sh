@@ -115,6 +115,13 @@ if [ "$probe" = 1 ]; then
         fail 2 "no GPU here: nvidia-smi found no device ($gpu_info)"
     fi
     echo "gpu-check: GPU: $gpu_info" >&2
+    # The driver library normally sits on the loader path; if it does not, find it.
+    if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+        d="$(find /usr/local/nvidia /usr/lib /usr/lib64 /usr/local -name libcuda.so.1 2>/dev/null | head -n1)"
+        [ -n "$d" ] || fail 2 "libcuda.so.1 (the CUDA driver library) not found"
+        export LD_LIBRARY_PATH="$(dirname "$d")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "gpu-check: driver library from $(dirname "$d")" >&2
+    fi
 
     # 3. cuBLAS 13 (both libraries, one folder each; usually the same).
     find_lib() {
