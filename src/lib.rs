@@ -3,11 +3,13 @@
 
 pub mod backend;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod image_io;
 pub mod model;
 pub mod pipeline;
 pub mod sampling;
+pub mod server;
 pub mod tensor;
 pub mod tokenizer;
 pub mod weights;

@@ -1,6 +1,7 @@
-//! The `sd21` command line: `sd21 generate …` writes PNGs.
+//! The `sd21` command line: `sd21 generate …` writes PNGs; `sd21 serve …` serves the HTTP API.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -9,8 +10,10 @@ use tracing_subscriber::EnvFilter;
 
 use sd21::backend::cpu::CpuBackend;
 use sd21::image_io::{save_png, ImageParameters};
-use sd21::pipeline::{GenerationRequest, Pipeline};
+use sd21::pipeline::{GenerationRequest, ImageGenerator, Pipeline};
 use sd21::sampling::SchedulerKind;
+use sd21::server::validation::Limits;
+use sd21::server::ServerConfig;
 use sd21::weights::ModelFiles;
 
 #[derive(Parser)]
@@ -28,6 +31,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt and write them as PNG files.
     Generate(GenerateArgs),
+    /// Serve the HTTP API (POST /generate/, /docs, /health, /ready, /metrics).
+    Serve(ServeArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,6 +83,51 @@ struct GenerateArgs {
     output: PathBuf,
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A diffusers-layout model folder (loaded once, at start-up).
+    #[arg(long, env = "SD21_MODEL")]
+    model: PathBuf,
+    /// Address to bind (loopback by default; 0.0.0.0 to serve other machines).
+    #[arg(long, env = "SD21_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to bind (0: any free port, logged at start-up).
+    #[arg(long, env = "SD21_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Where to run.
+    #[arg(long, env = "SD21_DEVICE", value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Requests that may wait while one runs; more are answered 429 at once.
+    #[arg(long, env = "SD21_QUEUE_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    queue_size: u32,
+    /// Largest width × height a request may ask for.
+    #[arg(long, env = "SD21_MAX_PIXELS", default_value_t = 1_048_576,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    max_pixels: u64,
+    /// Most denoising steps a request may ask for.
+    #[arg(long, env = "SD21_MAX_STEPS", default_value_t = 150,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_steps: u32,
+    /// Most images one request may ask for.
+    #[arg(long, env = "SD21_MAX_IMAGES", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_images: u32,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "SD21_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Allow browser requests from this origin (CORS); none when absent.
+    #[arg(long, env = "SD21_CORS_ORIGIN")]
+    cors_origin: Option<String>,
+    /// Seconds a request may take from admission to answer (queue wait included).
+    #[arg(long, env = "SD21_REQUEST_TIMEOUT", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "SD21_SHUTDOWN_TIMEOUT", default_value_t = 60)]
+    shutdown_timeout: u64,
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -87,7 +137,43 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
     }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let files = ModelFiles::locate(&args.model)?;
+    let model_dir = args.model.clone();
+    let device = args.device;
+    // The engine thread loads the model, so /health answers while it loads.
+    let load: sd21::engine::Loader = Box::new(move || {
+        let backend = match device {
+            DeviceArg::Auto | DeviceArg::Cpu => CpuBackend::new(),
+        };
+        tracing::info!(model = %model_dir.display(), "loading the model");
+        let pipeline = Pipeline::load(&files, backend)?;
+        Ok(Box::new(pipeline) as Box<dyn ImageGenerator>)
+    });
+    let config = ServerConfig {
+        host: args.host,
+        port: args.port,
+        limits: Limits {
+            max_pixels: usize::try_from(args.max_pixels).context("--max-pixels is too large")?,
+            max_steps: args.max_steps as usize,
+            max_images: args.max_images as usize,
+        },
+        queue_size: args.queue_size as usize,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        api_key: args.api_key,
+        cors_origin: args.cors_origin,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sd21-http")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(sd21::server::run(config, load))
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {

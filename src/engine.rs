@@ -1,0 +1,846 @@
+//! The engine: one worker thread per device owns the model and runs generation jobs one at a
+//! time from a bounded queue, so the HTTP side never touches the model and a full queue is a
+//! cheap, immediate "no".
+//!
+//! Life of a job: [`Engine::submit`] admits it (or refuses at once: not ready, queue full,
+//! shutting down) and hands back a [`Ticket`]; the worker pops it, skips it if its client went
+//! away or its deadline passed while it waited, runs it with a step callback that stops the
+//! pipeline (`Error::Cancelled`) as soon as the ticket is dropped, the deadline passes or the
+//! engine is aborted, and answers through a oneshot channel. A panic inside a job is caught and
+//! fails that job only; the worker keeps serving.
+//!
+//! Start-up runs in the worker too: load the model, then one warm-up generation (1 step at the
+//! smallest size); the engine is ready only after both, and reports how start-up went once.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::oneshot;
+
+use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator};
+use crate::sampling::SchedulerKind;
+use crate::Error;
+
+/// Loads the model inside the worker thread (so the server answers `/health` while it loads).
+pub type Loader = Box<dyn FnOnce() -> crate::Result<Box<dyn ImageGenerator>> + Send>;
+
+/// How the engine admits and bounds work.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Jobs that may wait while one runs; one more is refused with [`SubmitError::QueueFull`].
+    pub queue_size: usize,
+    /// Time from admission to answer; checked while queued and between denoising steps.
+    pub request_timeout: Duration,
+}
+
+/// What the HTTP side needs to know about the loaded model (defaults and limits).
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub device: String,
+    /// `(width, height)` used when a request gives none.
+    pub native_size: (usize, usize),
+    /// Width and height must be multiples of this.
+    pub latent_factor: usize,
+    /// The model's own scheduler, or why it cannot be used (then requests must name one).
+    pub default_scheduler: std::result::Result<SchedulerKind, String>,
+}
+
+/// The engine's Prometheus metrics; `server::metrics` registers them with the HTTP ones.
+#[derive(Clone)]
+pub struct EngineMetrics {
+    /// `sd21_queue_depth`: jobs waiting (not counting the one running).
+    pub queue_depth: IntGauge,
+    /// `sd21_jobs_running`: 1 while the worker runs a job.
+    pub jobs_running: IntGauge,
+    /// `sd21_step_duration_seconds`: one denoising step (UNet with guidance + scheduler).
+    pub step_seconds: Histogram,
+    /// `sd21_jobs_total{outcome}`: finished jobs by outcome (ok, cancelled, deadline, …).
+    pub jobs: IntCounterVec,
+}
+
+impl EngineMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        Ok(EngineMetrics {
+            queue_depth: IntGauge::new("sd21_queue_depth", "Generation jobs waiting in the queue")?,
+            jobs_running: IntGauge::new("sd21_jobs_running", "Generation jobs running (0 or 1)")?,
+            step_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "sd21_step_duration_seconds",
+                    "Duration of one denoising step (UNet with guidance and scheduler update)",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ]),
+            )?,
+            jobs: IntCounterVec::new(
+                Opts::new("sd21_jobs_total", "Finished generation jobs by outcome"),
+                &["outcome"],
+            )?,
+        })
+    }
+
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.queue_depth.clone()))?;
+        registry.register(Box::new(self.jobs_running.clone()))?;
+        registry.register(Box::new(self.step_seconds.clone()))?;
+        registry.register(Box::new(self.jobs.clone()))
+    }
+}
+
+/// Why a job was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the model is not ready yet (loading or warming up)")]
+    NotReady,
+    #[error("the queue is full ({capacity} requests waiting); retry later")]
+    QueueFull { capacity: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Why an admitted job produced no images.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    #[error("cancelled: the client went away")]
+    Cancelled,
+    #[error("the request took longer than its deadline of {0:?}")]
+    DeadlineExceeded(Duration),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("generation failed: {0}")]
+    Failed(String),
+    #[error("generation failed (internal panic: {0})")]
+    Panicked(String),
+    #[error("the engine stopped")]
+    EngineStopped,
+}
+
+impl JobError {
+    /// The `outcome` label of `sd21_jobs_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            JobError::Cancelled => "cancelled",
+            JobError::DeadlineExceeded(_) => "deadline",
+            JobError::ShuttingDown => "shutdown",
+            JobError::Invalid(_) => "invalid",
+            JobError::Failed(_) => "failed",
+            JobError::Panicked(_) => "panicked",
+            JobError::EngineStopped => "stopped",
+        }
+    }
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("loading the model: {0}")]
+    Load(#[source] Error),
+    #[error("loading the model panicked: {0}")]
+    LoadPanicked(String),
+    #[error("warm-up generation: {0}")]
+    WarmUp(#[source] JobError),
+}
+
+/// A finished job.
+#[derive(Debug, Clone)]
+pub struct JobOutput {
+    pub images: Vec<GeneratedImage>,
+    /// Time spent waiting in the queue.
+    pub queued: Duration,
+    /// Time spent generating (all images).
+    pub generation: Duration,
+}
+
+type JobResult = std::result::Result<JobOutput, JobError>;
+
+/// An admitted job. Dropping it (e.g. the HTTP handler's future being dropped because the
+/// client disconnected) cancels the job: before it starts, or at the next denoising step.
+pub struct Ticket {
+    cancel: Arc<AtomicBool>,
+    reply: Option<oneshot::Receiver<JobResult>>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Ticket {
+    /// Waits for the job's result, at most until its deadline.
+    pub async fn wait(mut self) -> JobResult {
+        let Some(reply) = self.reply.take() else {
+            return Err(JobError::EngineStopped);
+        };
+        // The worker enforces the deadline between steps; this also covers one very long step.
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        match tokio::time::timeout_at(deadline, reply).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(JobError::EngineStopped),
+            Err(_) => Err(JobError::DeadlineExceeded(self.timeout)),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // After completion this is a no-op for the worker; before it, it cancels the job.
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Job {
+    request: GenerationRequest,
+    /// Raised when the ticket is dropped.
+    cancel: Arc<AtomicBool>,
+    /// Raised by the caller's own signal (e.g. the client's connection closed).
+    client_gone: Option<Arc<AtomicBool>>,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<JobResult>,
+}
+
+impl Job {
+    /// False once the ticket was dropped or the client's own signal was raised.
+    fn wanted(&self) -> bool {
+        !self.cancel.load(Ordering::Relaxed)
+            && !self
+                .client_gone
+                .as_ref()
+                .is_some_and(|gone| gone.load(Ordering::Relaxed))
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    config: EngineConfig,
+    queue: Mutex<Queue>,
+    job_available: Condvar,
+    ready: AtomicBool,
+    /// Set to stop the running job at its next step and fail the queued ones.
+    abort: AtomicBool,
+    model: OnceLock<ModelInfo>,
+    metrics: EngineMetrics,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding the lock; if something ever did, the queue is still valid.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The handle the server holds: admission, readiness, shutdown.
+pub struct Engine {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the worker thread, which loads the model, warms it up and then serves jobs. The
+    /// receiver says once whether start-up succeeded.
+    pub fn start(
+        config: EngineConfig,
+        load: Loader,
+        metrics: EngineMetrics,
+    ) -> std::io::Result<(Engine, oneshot::Receiver<Result<ModelInfo, StartupError>>)> {
+        let shared = Arc::new(Shared {
+            config,
+            queue: Mutex::new(Queue::default()),
+            job_available: Condvar::new(),
+            ready: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            model: OnceLock::new(),
+            metrics,
+        });
+        let (started_tx, started_rx) = oneshot::channel();
+        let worker_shared = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("sd21-engine".into())
+            .spawn(move || worker_main(&worker_shared, load, started_tx))?;
+        Ok((
+            Engine {
+                shared,
+                worker: Mutex::new(Some(worker)),
+            },
+            started_rx,
+        ))
+    }
+
+    /// Admits a job or refuses it at once. The job is cancelled when its ticket is dropped, or
+    /// when `client_gone` (if given) is raised.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+        client_gone: Option<Arc<AtomicBool>>,
+    ) -> Result<Ticket, SubmitError> {
+        if !self.is_ready() {
+            return Err(SubmitError::NotReady);
+        }
+        let mut queue = self.shared.lock();
+        if queue.closed {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let capacity = self.shared.config.queue_size;
+        if queue.jobs.len() >= capacity {
+            // Jobs whose clients went away need no slot: drop them (nobody awaits the answer).
+            let before = queue.jobs.len();
+            queue.jobs.retain(|job| job.wanted());
+            let dropped = before - queue.jobs.len();
+            self.shared
+                .metrics
+                .jobs
+                .with_label_values(&[JobError::Cancelled.outcome()])
+                .inc_by(dropped as u64);
+            self.shared.metrics.queue_depth.set(queue.jobs.len() as i64);
+        }
+        if queue.jobs.len() >= capacity {
+            return Err(SubmitError::QueueFull { capacity });
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let now = Instant::now();
+        let timeout = self.shared.config.request_timeout;
+        let deadline = now + timeout;
+        queue.jobs.push_back(Job {
+            request,
+            cancel: cancel.clone(),
+            client_gone,
+            enqueued: now,
+            deadline,
+            reply: reply_tx,
+        });
+        self.shared.metrics.queue_depth.set(queue.jobs.len() as i64);
+        drop(queue);
+        self.shared.job_available.notify_one();
+        Ok(Ticket {
+            cancel,
+            reply: Some(reply_rx),
+            deadline,
+            timeout,
+        })
+    }
+
+    /// True once the model is loaded and the warm-up generation succeeded.
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
+    /// The loaded model's description (None while loading).
+    pub fn model(&self) -> Option<&ModelInfo> {
+        self.shared.model.get()
+    }
+
+    /// Jobs waiting (not counting the one running).
+    pub fn queue_depth(&self) -> usize {
+        self.shared.lock().jobs.len()
+    }
+
+    /// Stops admitting jobs; the worker finishes the queued ones and exits.
+    pub fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.job_available.notify_all();
+    }
+
+    /// Closes the queue, stops the running job at its next step and fails the queued ones.
+    pub fn abort(&self) {
+        self.shared.abort.store(true, Ordering::Relaxed);
+        self.close();
+    }
+
+    /// Waits up to `timeout` for the worker thread to exit (after [`Engine::close`] or
+    /// [`Engine::abort`]); true if it did.
+    pub async fn join(&self, timeout: Duration) -> bool {
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            let finished = {
+                let worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+                worker.as_ref().is_none_or(|w| w.is_finished())
+            };
+            if finished {
+                let handle = self
+                    .worker
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                if let Some(handle) = handle {
+                    // The worker catches job panics; a panic escaping it is already logged.
+                    let _ = handle.join();
+                }
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+fn worker_main(
+    shared: &Shared,
+    load: Loader,
+    started: oneshot::Sender<Result<ModelInfo, StartupError>>,
+) {
+    let generator = match start_up(shared, load) {
+        Ok(generator) => generator,
+        Err(e) => {
+            tracing::error!(error = %e, "engine start-up failed");
+            shared.lock().closed = true;
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    shared.ready.store(true, Ordering::Release);
+    if let Some(info) = shared.model.get() {
+        let _ = started.send(Ok(info.clone()));
+    }
+    while let Some(job) = next_job(shared) {
+        run_job(shared, generator.as_ref(), job);
+    }
+    tracing::info!("engine stopped");
+}
+
+/// Loads the model and runs one warm-up generation at the smallest size.
+fn start_up(shared: &Shared, load: Loader) -> Result<Box<dyn ImageGenerator>, StartupError> {
+    let started = Instant::now();
+    let generator = match catch_unwind(AssertUnwindSafe(load)) {
+        Ok(Ok(generator)) => generator,
+        Ok(Err(e)) => return Err(StartupError::Load(e)),
+        Err(panic) => return Err(StartupError::LoadPanicked(panic_message(panic.as_ref()))),
+    };
+    let info = ModelInfo {
+        name: generator.model_name().to_string(),
+        device: generator.describe_device(),
+        native_size: generator.native_size(),
+        latent_factor: generator.latent_factor(),
+        default_scheduler: generator.default_scheduler().map_err(|e| e.to_string()),
+    };
+    tracing::info!(
+        model = %info.name,
+        device = %info.device,
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded; warming up"
+    );
+    let side = warm_up_side(info.latent_factor);
+    let warm_up = GenerationRequest {
+        prompt: String::new(),
+        negative_prompt: String::new(),
+        width: side,
+        height: side,
+        steps: 1,
+        cfg_scale: 7.0,
+        seed: 0,
+        scheduler: info
+            .default_scheduler
+            .clone()
+            .unwrap_or(SchedulerKind::Ddim),
+        number_of_images: 1,
+    };
+    let _ = shared.model.set(info);
+    let started = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        generator.generate(&warm_up, &mut |_| !shared.abort.load(Ordering::Relaxed))
+    }));
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(Error::Cancelled)) => return Err(StartupError::WarmUp(JobError::ShuttingDown)),
+        Ok(Err(e)) => return Err(StartupError::WarmUp(JobError::Failed(e.to_string()))),
+        Err(panic) => {
+            return Err(StartupError::WarmUp(JobError::Panicked(panic_message(
+                panic.as_ref(),
+            ))))
+        }
+    }
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "warm-up done; ready"
+    );
+    Ok(generator)
+}
+
+/// Width and height of the warm-up generation: 8 latent pixels (64 for SD 2.1), enough to run
+/// every UNet block at a real (if small) size.
+fn warm_up_side(latent_factor: usize) -> usize {
+    8 * latent_factor
+}
+
+/// Blocks until a job is queued (Some) or the queue is closed and empty (None).
+fn next_job(shared: &Shared) -> Option<Job> {
+    let mut queue = shared.lock();
+    loop {
+        if let Some(job) = queue.jobs.pop_front() {
+            shared.metrics.queue_depth.set(queue.jobs.len() as i64);
+            return Some(job);
+        }
+        if queue.closed {
+            return None;
+        }
+        queue = shared
+            .job_available
+            .wait(queue)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
+    let started = Instant::now();
+    let queued = started.duration_since(job.enqueued);
+    let stop_reason = |now: Instant| -> Option<JobError> {
+        // The deadline first: a ticket that timed out also sets the cancel flag.
+        if now >= job.deadline {
+            Some(JobError::DeadlineExceeded(shared.config.request_timeout))
+        } else if shared.abort.load(Ordering::Relaxed) {
+            Some(JobError::ShuttingDown)
+        } else if !job.wanted() {
+            Some(JobError::Cancelled)
+        } else {
+            None
+        }
+    };
+    let result = if let Some(reason) = stop_reason(started) {
+        Err(reason)
+    } else {
+        shared.metrics.jobs_running.set(1);
+        let metrics = &shared.metrics;
+        let mut last_step: Option<Instant> = None;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            generator.generate(&job.request, &mut |progress| {
+                let now = Instant::now();
+                // Step 1 of each image also holds prompt encoding or the previous decode.
+                if let (true, Some(last)) = (progress.step > 1, last_step) {
+                    metrics
+                        .step_seconds
+                        .observe(now.duration_since(last).as_secs_f64());
+                }
+                last_step = Some(now);
+                stop_reason(now).is_none()
+            })
+        }));
+        shared.metrics.jobs_running.set(0);
+        match outcome {
+            Ok(Ok(images)) => Ok(JobOutput {
+                images,
+                queued,
+                generation: started.elapsed(),
+            }),
+            Ok(Err(Error::Cancelled)) => {
+                Err(stop_reason(Instant::now()).unwrap_or(JobError::Cancelled))
+            }
+            Ok(Err(Error::InvalidArgument(message))) => Err(JobError::Invalid(message)),
+            Ok(Err(e)) => Err(JobError::Failed(e.to_string())),
+            Err(panic) => Err(JobError::Panicked(panic_message(panic.as_ref()))),
+        }
+    };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.outcome(),
+    };
+    shared.metrics.jobs.with_label_values(&[outcome]).inc();
+    match &result {
+        Ok(_) | Err(JobError::Cancelled) => tracing::info!(
+            outcome,
+            queued_s = queued.as_secs_f64(),
+            run_s = started.elapsed().as_secs_f64(),
+            "job finished"
+        ),
+        Err(e) => tracing::warn!(outcome, error = %e, "job failed"),
+    }
+    // The receiver is gone when the client went away; nothing to tell then.
+    let _ = job.reply.send(result);
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image_io::RgbImage;
+    use crate::pipeline::Progress;
+
+    /// A stand-in model: `prompt` selects the behaviour; "slow" runs until cancelled.
+    struct Fake;
+
+    impl ImageGenerator for Fake {
+        fn generate(
+            &self,
+            request: &GenerationRequest,
+            on_step: &mut dyn FnMut(Progress) -> bool,
+        ) -> crate::Result<Vec<GeneratedImage>> {
+            match request.prompt.as_str() {
+                "panic" => panic!("boom"),
+                "oom" => return Err(Error::Backend("out of memory".into())),
+                _ => {}
+            }
+            let steps = if request.prompt == "slow" {
+                usize::MAX
+            } else {
+                request.steps
+            };
+            for step in 1..=steps {
+                if request.prompt == "slow" {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let progress = Progress {
+                    image: 0,
+                    step,
+                    steps_per_image: steps,
+                };
+                if !on_step(progress) {
+                    return Err(Error::Cancelled);
+                }
+            }
+            Ok((0..request.number_of_images)
+                .map(|i| GeneratedImage {
+                    seed: request.seed + i as u64,
+                    image: RgbImage {
+                        width: request.width,
+                        height: request.height,
+                        pixels: vec![0; request.width * request.height * 3],
+                    },
+                })
+                .collect())
+        }
+        fn native_size(&self) -> (usize, usize) {
+            (64, 64)
+        }
+        fn latent_factor(&self) -> usize {
+            8
+        }
+        fn default_scheduler(&self) -> crate::Result<SchedulerKind> {
+            Ok(SchedulerKind::Ddim)
+        }
+        fn model_name(&self) -> &str {
+            "fake"
+        }
+        fn describe_device(&self) -> String {
+            "test".into()
+        }
+    }
+
+    fn request(prompt: &str) -> GenerationRequest {
+        GenerationRequest {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 64,
+            steps: 2,
+            cfg_scale: 7.0,
+            seed: 1,
+            scheduler: SchedulerKind::Ddim,
+            number_of_images: 2,
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+    }
+
+    fn start(queue_size: usize, timeout: Duration) -> (Engine, tokio::runtime::Runtime) {
+        let rt = runtime();
+        let metrics = EngineMetrics::new().expect("metrics");
+        let (engine, started) = Engine::start(
+            EngineConfig {
+                queue_size,
+                request_timeout: timeout,
+            },
+            Box::new(|| Ok(Box::new(Fake) as Box<dyn ImageGenerator>)),
+            metrics,
+        )
+        .expect("thread");
+        let info = rt.block_on(started).expect("reply").expect("start-up");
+        assert_eq!(info.native_size, (64, 64));
+        assert!(engine.is_ready());
+        (engine, rt)
+    }
+
+    /// Waits (bounded) until the worker has picked up a job.
+    fn wait_running(engine: &Engine) {
+        for _ in 0..5000 {
+            if engine.shared.metrics.jobs_running.get() == 1 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the job never started");
+    }
+
+    #[test]
+    fn jobs_run_and_image_i_uses_seed_plus_i() {
+        let (engine, rt) = start(4, Duration::from_secs(60));
+        let out = rt
+            .block_on(
+                engine
+                    .submit(request("a cat"), None)
+                    .expect("admitted")
+                    .wait(),
+            )
+            .expect("ok");
+        let seeds: Vec<u64> = out.images.iter().map(|i| i.seed).collect();
+        assert_eq!(seeds, [1, 2]);
+    }
+
+    #[test]
+    fn failures_and_panics_fail_one_job_and_the_worker_survives() {
+        let (engine, rt) = start(4, Duration::from_secs(60));
+        let oom = rt.block_on(
+            engine
+                .submit(request("oom"), None)
+                .expect("admitted")
+                .wait(),
+        );
+        assert!(matches!(oom, Err(JobError::Failed(ref m)) if m.contains("out of memory")));
+        let panicked = rt.block_on(
+            engine
+                .submit(request("panic"), None)
+                .expect("admitted")
+                .wait(),
+        );
+        assert_eq!(panicked.unwrap_err(), JobError::Panicked("boom".into()));
+        let ok = rt.block_on(
+            engine
+                .submit(request("fine"), None)
+                .expect("admitted")
+                .wait(),
+        );
+        assert!(ok.is_ok());
+        assert_eq!(
+            engine
+                .shared
+                .metrics
+                .jobs
+                .with_label_values(&["panicked"])
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_a_dropped_ticket_cancels() {
+        let (engine, rt) = start(1, Duration::from_secs(60));
+        let running = engine.submit(request("slow"), None).expect("admitted");
+        wait_running(&engine);
+        let waiting = engine.submit(request("slow"), None).expect("queued");
+        assert_eq!(engine.queue_depth(), 1);
+        assert_eq!(
+            engine.submit(request("x"), None).err(),
+            Some(SubmitError::QueueFull { capacity: 1 })
+        );
+        // Dropping both tickets cancels the queued job before it starts and the running one
+        // at its next step; the engine then serves again.
+        drop(waiting);
+        drop(running);
+        let ok = rt.block_on(
+            engine
+                .submit(request("fine"), None)
+                .expect("admitted")
+                .wait(),
+        );
+        assert!(ok.is_ok());
+        assert_eq!(
+            engine
+                .shared
+                .metrics
+                .jobs
+                .with_label_values(&["cancelled"])
+                .get(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_raised_client_gone_flag_cancels_the_running_job() {
+        let (engine, rt) = start(1, Duration::from_secs(60));
+        let gone = Arc::new(AtomicBool::new(false));
+        let ticket = engine
+            .submit(request("slow"), Some(gone.clone()))
+            .expect("admitted");
+        wait_running(&engine);
+        gone.store(true, Ordering::Relaxed);
+        assert_eq!(rt.block_on(ticket.wait()).unwrap_err(), JobError::Cancelled);
+    }
+
+    #[test]
+    fn the_deadline_stops_a_running_job() {
+        let (engine, rt) = start(1, Duration::from_millis(50));
+        let result = rt.block_on(
+            engine
+                .submit(request("slow"), None)
+                .expect("admitted")
+                .wait(),
+        );
+        assert!(matches!(result, Err(JobError::DeadlineExceeded(_))));
+        // The worker notices the deadline between steps too, and moves on.
+        engine.close();
+        assert!(rt.block_on(engine.join(Duration::from_secs(30))));
+        assert_eq!(
+            engine
+                .shared
+                .metrics
+                .jobs
+                .with_label_values(&["deadline"])
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn abort_stops_the_running_job_and_the_worker_exits() {
+        let (engine, rt) = start(2, Duration::from_secs(60));
+        let ticket = engine.submit(request("slow"), None).expect("admitted");
+        wait_running(&engine);
+        engine.abort();
+        assert_eq!(
+            rt.block_on(ticket.wait()).unwrap_err(),
+            JobError::ShuttingDown
+        );
+        assert!(rt.block_on(engine.join(Duration::from_secs(30))));
+        assert_eq!(
+            engine.submit(request("x"), None).err(),
+            Some(SubmitError::ShuttingDown)
+        );
+    }
+
+    #[test]
+    fn a_failing_load_or_warm_up_is_reported() {
+        let rt = runtime();
+        let (_engine, started) = Engine::start(
+            EngineConfig {
+                queue_size: 1,
+                request_timeout: Duration::from_secs(1),
+            },
+            Box::new(|| Err(Error::Config("no such model".into()))),
+            EngineMetrics::new().expect("metrics"),
+        )
+        .expect("thread");
+        let err = rt.block_on(started).expect("reply").unwrap_err();
+        assert!(err.to_string().contains("no such model"), "{err}");
+    }
+}

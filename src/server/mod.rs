@@ -1,0 +1,399 @@
+//! `sd21 serve`: the HTTP server around the engine. This file holds the configuration, the
+//! route table, the middleware (request logs, JSON errors, CORS, bearer auth, panic catching)
+//! and the life cycle: bind, serve while the engine loads and warms up, and on SIGTERM/SIGINT
+//! stop accepting, finish in-flight requests up to a timeout, stop the engine, return.
+//!
+//! Request flow: middleware → `api.rs` (read body, `validation.rs`) → engine queue → worker →
+//! `response.rs` (PNG/JSON) → client. Nothing in a request is ever used as a file path.
+
+pub mod api;
+pub mod connection;
+pub mod metrics;
+pub mod response;
+pub mod validation;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use poem::http::{header, HeaderValue, Method, StatusCode};
+use poem::listener::TcpAcceptor;
+use poem::middleware::{CatchPanic, Cors, NormalizePath, TrailingSlash};
+use poem::web::Html;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
+use poem_openapi::OpenApiService;
+
+use crate::engine::{Engine, EngineConfig, Loader};
+use api::Api;
+use connection::{Connections, WatchedAcceptor};
+use metrics::Metrics;
+use validation::{ApiError, Limits};
+
+/// Everything `sd21 serve` is configured with (besides the model).
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Address to bind; loopback by default.
+    pub host: String,
+    /// 0 picks a free port (logged as `listening on http://…`).
+    pub port: u16,
+    pub limits: Limits,
+    /// Requests that may wait while one runs; more are answered 429.
+    pub queue_size: usize,
+    /// Deadline of a request from admission to answer.
+    pub request_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+    /// When set, every route but `/health` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// When set, CORS headers allow this origin; otherwise no CORS headers at all.
+    pub cors_origin: Option<String>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("limits", &self.limits)
+            .field("queue_size", &self.queue_size)
+            .field("request_timeout", &self.request_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("cors_origin", &self.cors_origin)
+            .finish()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            limits: Limits::default(),
+            queue_size: 16,
+            request_timeout: Duration::from_secs(300),
+            shutdown_timeout: Duration::from_secs(60),
+            api_key: None,
+            cors_origin: None,
+        }
+    }
+}
+
+/// Binds `config.host:config.port` and serves until SIGTERM or SIGINT.
+pub async fn run(config: ServerConfig, load: Loader) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))
+        .with_context(|| format!("binding {}:{}", config.host, config.port))?;
+    serve(config, load, listener, shutdown_signal()).await
+}
+
+/// Serves on `listener` until `shutdown` completes (or the engine fails to start, which is an
+/// error). In-flight requests get `config.shutdown_timeout` to finish.
+pub async fn serve(
+    config: ServerConfig,
+    load: Loader,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if config.api_key.as_deref() == Some("") {
+        anyhow::bail!("the API key must not be empty");
+    }
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let connections = Connections::default();
+    let acceptor = WatchedAcceptor::new(TcpAcceptor::from_std(listener)?, connections.clone());
+
+    let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+    let (engine, started) = Engine::start(
+        EngineConfig {
+            queue_size: config.queue_size,
+            request_timeout: config.request_timeout,
+        },
+        load,
+        metrics.engine.clone(),
+    )
+    .context("starting the engine thread")?;
+    let engine = Arc::new(engine);
+    let app = app(&config, engine.clone(), metrics.clone(), connections);
+    tracing::info!(?config, "listening on http://{addr}");
+
+    let startup_failure = Arc::new(Mutex::new(None::<String>));
+    let stop = {
+        let engine = engine.clone();
+        let metrics = metrics.clone();
+        let startup_failure = startup_failure.clone();
+        async move {
+            tokio::pin!(shutdown);
+            tokio::select! {
+                _ = &mut shutdown => {}
+                started = started => match started {
+                    Ok(Ok(model)) => {
+                        metrics.ready.set(1);
+                        tracing::info!(model = %model.name, device = %model.device, "ready");
+                        shutdown.await;
+                    }
+                    Ok(Err(e)) => {
+                        *startup_failure.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(e.to_string());
+                    }
+                    Err(_) => {
+                        *startup_failure.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some("the engine thread ended during start-up".into());
+                    }
+                },
+            }
+            // New requests on open connections are refused from now on; admitted ones finish.
+            engine.close();
+            metrics.ready.set(0);
+            tracing::info!("shutting down: no new requests; finishing the ones in flight");
+        }
+    };
+    poem::Server::new_with_acceptor(acceptor)
+        .run_with_graceful_shutdown(app, stop, Some(config.shutdown_timeout))
+        .await
+        .context("serving HTTP")?;
+
+    // Connections are closed; a job still running lost its client (and is cancelled).
+    engine.abort();
+    if !engine.join(Duration::from_secs(10)).await {
+        tracing::warn!("the engine did not stop within 10 s; exiting anyway");
+    }
+    if let Some(failure) = startup_failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    {
+        anyhow::bail!("{failure}");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// The routes with their middleware, outermost first: request log, trailing-slash trimming
+/// (`/generate/` → `/generate`), JSON errors, CORS (only with `--cors-origin`), bearer auth
+/// (only with `--api-key`), JSON errors again (for what the router and the handlers return),
+/// panic catcher, routes.
+fn app(
+    config: &ServerConfig,
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    connections: Connections,
+) -> impl Endpoint {
+    let limits = config.limits;
+    let service = OpenApiService::new(
+        Api {
+            engine: engine.clone(),
+            metrics,
+            limits,
+            connections,
+        },
+        "sd21",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Stable Diffusion 2.1 text-to-image, compatible with the original FastAPI server's \
+         POST /generate/.",
+    );
+    let raw_spec = service.spec();
+    let raw_html = service.swagger_ui_html();
+    let spec_engine = engine.clone();
+    let spec = move || {
+        // The model's latent factor sets the size rules; 8 (SD 2.x) until it is loaded.
+        let latent_factor = spec_engine.model().map_or(8, |m| m.latent_factor);
+        (
+            api::document(&raw_spec, &limits, latent_factor),
+            raw_spec.clone(),
+        )
+    };
+    let html_spec = spec.clone();
+    let docs = poem::endpoint::make_sync(move |_| {
+        // The page embeds poem-openapi's spec verbatim; swap in the served one.
+        let (served, raw) = html_spec();
+        Html(raw_html.replacen(&raw, &served, 1))
+    });
+    let spec_json = poem::endpoint::make_sync(move |_| {
+        spec()
+            .0
+            .with_content_type("application/json; charset=utf-8")
+            .into_response()
+    });
+
+    let routes = Route::new()
+        .nest("/", service)
+        .at("/openapi.json", spec_json)
+        .at("/docs", docs);
+    let mut app = routes
+        .with(CatchPanic::new())
+        .around(json_errors)
+        .map_to_response()
+        .boxed();
+    if let Some(key) = config.api_key.clone() {
+        let key: Arc<str> = key.into();
+        app = app
+            .around(move |ep, req| {
+                let key = key.clone();
+                async move {
+                    if req.uri().path() == "/health" || authorized(&req, &key) {
+                        ep.call(req).await
+                    } else {
+                        Ok(poem::error::ResponseError::as_response(
+                            &ApiError::Unauthorized,
+                        ))
+                    }
+                }
+            })
+            .boxed();
+    }
+    if let Some(origin) = &config.cors_origin {
+        app = app
+            .with(
+                Cors::new()
+                    .allow_origin(origin.as_str())
+                    .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                    .allow_headers([header::CONTENT_TYPE, header::ACCEPT, header::AUTHORIZATION])
+                    .expose_headers([
+                        header::HeaderName::from_static("x-seeds"),
+                        header::RETRY_AFTER,
+                    ]),
+            )
+            .map_to_response()
+            .boxed();
+    }
+    app.around(json_errors)
+        .with(NormalizePath::new(TrailingSlash::Trim))
+        .around(log_request)
+}
+
+/// `Authorization: Bearer <key>`, compared in constant time.
+fn authorized(req: &Request, key: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
+    else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), key.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Every error answer is JSON `{"error": …}`: errors the handlers return render themselves
+/// (`ApiError`); the router's (404, 405), CORS's and the panic catcher's are wrapped here.
+async fn json_errors<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
+    let response = match ep.call(req).await {
+        Ok(output) => output.into_response(),
+        Err(e) => {
+            if let Some(api_error) = e.downcast_ref::<ApiError>() {
+                return Ok(poem::error::ResponseError::as_response(api_error));
+            }
+            let status = e.status();
+            let message = e.to_string();
+            return Ok(http_error(status, message));
+        }
+    };
+    let status = response.status();
+    let is_json = response
+        .content_type()
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let mut response = response;
+        let text = response.take_body().into_string().await.unwrap_or_default();
+        let message = if text.trim().is_empty() {
+            status.canonical_reason().unwrap_or("error").to_string()
+        } else {
+            text
+        };
+        let mut rewritten = http_error(status, message);
+        for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::ALLOW] {
+            if let Some(value) = response.headers().get(&name) {
+                rewritten.headers_mut().insert(name, value.clone());
+            }
+        }
+        return Ok(rewritten);
+    }
+    Ok(response)
+}
+
+fn http_error(status: StatusCode, message: String) -> Response {
+    poem::error::ResponseError::as_response(&ApiError::Http { status, message })
+}
+
+/// One log line per request: method, path, status, duration, client.
+async fn log_request<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let remote = req.remote_addr().to_string();
+    let mut response = ep.call(req).await?.into_response();
+    if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    tracing::info!(
+        id,
+        %method,
+        path,
+        status = response.status().as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        remote,
+        "request"
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_must_match_exactly() {
+        let req = |value: &str| {
+            Request::builder()
+                .header(header::AUTHORIZATION, value)
+                .finish()
+        };
+        assert!(authorized(&req("Bearer secret"), "secret"));
+        assert!(authorized(&req("bearer  secret "), "secret"));
+        assert!(!authorized(&req("Bearer secre"), "secret"));
+        assert!(!authorized(&req("Bearer secret2"), "secret"));
+        assert!(!authorized(&req("Basic secret"), "secret"));
+        assert!(!authorized(&Request::builder().finish(), "secret"));
+    }
+}

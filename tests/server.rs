@@ -1,0 +1,1154 @@
+//! `sd21 serve` end to end: each test starts the real binary on 127.0.0.1 (a free port) with
+//! the tiny fixture model and talks to it as a client would, over a plain HTTP/1.1 socket (so a
+//! test controls every header and can hang up mid-request). One test runs the library's
+//! `serve` in-process with a stand-in model that fails on demand.
+//!
+//! Slow jobs are made with many steps at 256×256 (tens of seconds on the CPU), never sleeps;
+//! waiting is "poll until true, with a generous bound", never a timing assertion.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use common::tiny_model;
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client.
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: body is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends raw bytes (a whole request), reads the answer until the server closes.
+fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(600)))
+        .expect("timeout");
+    // The server may answer (413) and close before reading a large body: ignore write errors.
+    let _ = stream.write_all(raw);
+    let mut bytes = Vec::new();
+    // A reset after the answer (unread body) still leaves the answer in `bytes`.
+    let _ = stream.read_to_end(&mut bytes);
+    parse_reply(&bytes)
+}
+
+fn parse_reply(bytes: &[u8]) -> Reply {
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(bytes)));
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = bytes[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        body = dechunk(&body);
+    }
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size_text = String::from_utf8_lossy(&data[..end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or(0);
+        if size == 0 || data.len() < end + 2 + size {
+            return out;
+        }
+        out.extend_from_slice(&data[end + 2..end + 2 + size]);
+        data = &data[(end + 4 + size).min(data.len())..];
+    }
+}
+
+fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        raw.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method == "POST" {
+        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    raw.push_str("\r\n");
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(body);
+    raw
+}
+
+fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    exchange(addr, &request_bytes("GET", path, headers, b""))
+}
+
+/// POST JSON to /generate/ with the given Accept (None: no Accept header).
+fn generate(addr: SocketAddr, accept: Option<&str>, body: &Value) -> Reply {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(accept) = accept {
+        headers.push(("Accept", accept));
+    }
+    let body = body.to_string();
+    exchange(
+        addr,
+        &request_bytes("POST", "/generate/", &headers, body.as_bytes()),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server process.
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `sd21 serve` with the tiny model on a free port and waits until /ready says 200.
+    fn start(extra: &[&str]) -> Server {
+        let server = Self::spawn(extra);
+        server.wait_until("ready", |s| get(s.addr, "/ready", &[]).status == 200);
+        server
+    }
+
+    fn spawn(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sd21"))
+            .args(["serve", "--model"])
+            .arg(tiny_model())
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .env_remove("SD21_API_KEY")
+            .env_remove("SD21_CORS_ORIGIN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sd21 serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_log = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
+                    let _ = tx.send(addr);
+                }
+                let mut log = thread_log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => addr.parse().expect("address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the server never said where it listens:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Polls `condition` every 20 ms for up to 3 minutes.
+    fn wait_until(&self, what: &str, condition: impl Fn(&Server) -> bool) {
+        let end = Instant::now() + Duration::from_secs(180);
+        while Instant::now() < end {
+            if condition(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out waiting for {what}; server log:\n{}", self.log());
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics_with(&[])
+    }
+
+    fn metrics_with(&self, headers: &[(&str, &str)]) -> String {
+        let reply = get(self.addr, "/metrics", headers);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.text()
+    }
+
+    /// The value of one sample (`name{labels}`) in /metrics; 0 when absent.
+    fn metric(&self, sample: &str) -> f64 {
+        metric(&self.metrics(), sample)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+}
+
+/// Sends a request and returns the open socket without reading (the caller hangs up later).
+fn send_and_hold(addr: SocketAddr, body: &Value) -> TcpStream {
+    let body = body.to_string();
+    let raw = request_bytes(
+        "POST",
+        "/generate/",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    );
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.write_all(&raw).expect("send");
+    stream
+}
+
+/// A job that takes tens of seconds on the CPU.
+fn slow_job() -> Value {
+    json!({"prompt": "slow", "width": 256, "height": 256, "steps": 150, "seed": 1})
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images.
+
+fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>, String) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut pixels).expect("frame");
+    pixels.truncate(info.buffer_size());
+    let meta = reader.info();
+    let text = meta
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| t.text.clone())
+        .chain(meta.utf8_text.iter().map(|t| t.get_text().expect("utf8")))
+        .collect();
+    (info.width, info.height, pixels, text)
+}
+
+fn base64_png(value: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(value.as_str().expect("a base64 string"))
+        .expect("valid base64")
+}
+
+/// The pixels of cell (row, col) of a grid of `w`×`h` tiles.
+fn grid_cell(
+    pixels: &[u8],
+    grid_width: usize,
+    w: usize,
+    h: usize,
+    row: usize,
+    col: usize,
+) -> Vec<u8> {
+    (0..h)
+        .flat_map(|y| {
+            let start = ((row * h + y) * grid_width + col * w) * 3;
+            pixels[start..start + w * 3].to_vec()
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn png_answer_has_the_size_the_seed_header_the_parameters_and_equals_the_cli() {
+    let server = Server::start(&[]);
+    let body = json!({
+        "prompt": "a cat", "negative_prompt": "blurry", "width": 72, "height": 56,
+        "steps": 3, "cfg_scale": 5, "scheduler": "euler_a", "seed": 208513106212u64,
+    });
+    let reply = generate(server.addr, Some("image/png"), &body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("image/png"));
+    assert_eq!(reply.header("x-seeds"), Some("208513106212"));
+    let (w, h, _, text) = decode_png(&reply.body);
+    assert_eq!((w, h), (72, 56));
+    assert_eq!(
+        text,
+        "a cat\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, CFG scale: 5, Seed: 208513106212, Size: 72x56, Model: tiny-sd21"
+    );
+
+    // `sd21 generate` with the same settings writes the same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cli.png");
+    let status = Command::new(env!("CARGO_BIN_EXE_sd21"))
+        .args(["generate", "--model"])
+        .arg(tiny_model())
+        .args([
+            "--prompt",
+            "a cat",
+            "--negative-prompt",
+            "blurry",
+            "--width",
+            "72",
+        ])
+        .args([
+            "--height",
+            "56",
+            "--steps",
+            "3",
+            "--cfg-scale",
+            "5",
+            "--scheduler",
+            "euler_a",
+        ])
+        .args(["--seed", "208513106212", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        reply.body,
+        "server PNG equals the CLI's"
+    );
+}
+
+#[test]
+fn defaults_apply_and_no_accept_wildcard_accept_and_the_path_without_slash_give_png() {
+    let server = Server::start(&[]);
+    let body = json!({"prompt": "a dog", "steps": 2});
+    for accept in [None, Some("*/*"), Some("image/*")] {
+        let reply = generate(server.addr, accept, &body);
+        assert_eq!(reply.status, 200, "{accept:?}: {}", reply.text());
+        assert_eq!(
+            reply.header("content-type"),
+            Some("image/png"),
+            "{accept:?}"
+        );
+        let (w, h, _, text) = decode_png(&reply.body);
+        assert_eq!((w, h), (64, 64), "the model's native size");
+        let seed: u64 = reply
+            .header("x-seeds")
+            .expect("X-Seeds")
+            .parse()
+            .expect("a seed");
+        assert!(text.contains(&format!("Seed: {seed},")), "{text}");
+        assert!(
+            text.contains("Sampler: PLMS, CFG scale: 7,"),
+            "model's scheduler, cfg 7: {text}"
+        );
+    }
+    // Without the trailing slash, and without a Content-Type (taken as JSON, as FastAPI does).
+    let raw = request_bytes(
+        "POST",
+        "/generate",
+        &[],
+        br#"{"prompt": "a dog", "steps": 2}"#,
+    );
+    let reply = exchange(server.addr, &raw);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("image/png"));
+
+    // Every default, seen in the JSON answer.
+    let reply = generate(
+        server.addr,
+        Some("application/json"),
+        &json!({"prompt": "x"}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let p = &reply.json()["parameters"];
+    assert_eq!(
+        (&p["width"], &p["height"], &p["steps"], &p["cfg_scale"]),
+        (&json!(64), &json!(64), &json!(30), &json!(7.0))
+    );
+    assert_eq!(
+        (&p["scheduler"], &p["number_of_images"]),
+        (&json!("pndm"), &json!(1))
+    );
+    assert_eq!(p["negative_prompt"], "");
+}
+
+#[test]
+fn json_answer_has_base64_pngs_seeds_parameters_and_timings() {
+    let server = Server::start(&[]);
+    let body = json!({"prompt": "a fox", "width": 64, "height": 80, "steps": 2,
+                      "number_of_images": 2, "seed": 41, "scheduler": "ddim", "cfg_scale": 6.5});
+    let reply = generate(server.addr, Some("application/json"), &body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply
+        .header("content-type")
+        .unwrap_or("")
+        .starts_with("application/json"));
+    assert_eq!(reply.header("x-seeds"), Some("41,42"));
+    let answer = reply.json();
+    assert_eq!(answer["seeds"], json!([41, 42]));
+    let images = answer["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2);
+    for (i, image) in images.iter().enumerate() {
+        let (w, h, _, text) = decode_png(&base64_png(image));
+        assert_eq!((w, h), (64, 80));
+        assert!(text.contains(&format!("Seed: {},", 41 + i)), "{text}");
+        assert!(text.contains("Sampler: DDIM, CFG scale: 6.5"), "{text}");
+    }
+    let p = &answer["parameters"];
+    assert_eq!(p["prompt"], "a fox");
+    assert_eq!(
+        (&p["seed"], &p["steps"], &p["scheduler"]),
+        (&json!(41), &json!(2), &json!("ddim"))
+    );
+    assert_eq!(
+        (&p["model"], &p["number_of_images"]),
+        (&json!("tiny-sd21"), &json!(2))
+    );
+    for key in [
+        "queue_seconds",
+        "generation_seconds",
+        "encode_seconds",
+        "total_seconds",
+    ] {
+        let t = answer["timings"][key].as_f64().unwrap_or(-1.0);
+        assert!(t >= 0.0, "timings.{key} = {t}");
+    }
+}
+
+#[test]
+fn same_seed_same_bytes_and_batch_image_i_equals_a_single_request_with_seed_plus_i() {
+    let server = Server::start(&[]);
+    let seed = 208513106212u64;
+    let batch = |n: u64, seed: u64, accept: &str| {
+        let body = json!({"prompt": "a boat", "width": 64, "height": 72, "steps": 3,
+                          "scheduler": "euler_a", "number_of_images": n, "seed": seed});
+        let reply = generate(server.addr, Some(accept), &body);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply
+    };
+    let json_images = |reply: &Reply| -> Vec<Vec<u8>> {
+        reply.json()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(base64_png)
+            .collect()
+    };
+    let three = json_images(&batch(3, seed, "application/json"));
+    assert_eq!(
+        three,
+        json_images(&batch(3, seed, "application/json")),
+        "same seed, same bytes"
+    );
+    assert_ne!(three[0], three[1]);
+    for i in 1..3 {
+        let single = json_images(&batch(1, seed + i, "application/json"));
+        assert_eq!(
+            single[0], three[i as usize],
+            "image {i} equals seed + {i} alone"
+        );
+    }
+    // The PNG answer for several images is A1111's grid: 3 images → 1 row × 3 columns.
+    let grid = batch(3, seed, "image/png");
+    assert_eq!(
+        grid.header("x-seeds"),
+        Some("208513106212,208513106213,208513106214")
+    );
+    let (gw, gh, pixels, text) = decode_png(&grid.body);
+    assert_eq!((gw, gh), (3 * 64, 72));
+    assert!(
+        text.contains("Seed: 208513106212,"),
+        "the grid carries image 0's parameters"
+    );
+    for (i, png) in three.iter().enumerate() {
+        let (_, _, tile, _) = decode_png(png);
+        assert_eq!(
+            grid_cell(&pixels, gw as usize, 64, 72, 0, i),
+            tile,
+            "grid cell {i}"
+        );
+    }
+    // 4 images → 2 × 2, row-major.
+    let (gw, gh, pixels, _) = decode_png(&batch(4, seed, "image/png").body);
+    assert_eq!((gw, gh), (2 * 64, 2 * 72));
+    let (_, _, fourth, _) = decode_png(&json_images(&batch(1, seed + 3, "application/json"))[0]);
+    assert_eq!(grid_cell(&pixels, gw as usize, 64, 72, 1, 1), fourth);
+}
+
+#[test]
+fn the_original_api_example_request_works() {
+    // The README's curl, field for field, at 64×64 instead of 512×512: 30 steps at 512² take
+    // about a minute on the tiny model in the test profile. The exact body (512×512) is
+    // checked by `validation::tests::the_original_api_example_validates`.
+    let server = Server::start(&[]);
+    let body = br#"{
+  "prompt": "Illustration of a Stable Diffusion FastAPI API, comic novel, ligth pastel colors",
+  "width": 64,
+  "height": 64,
+  "cfg_scale": 7,
+  "steps": 30,
+  "number_of_images": 1,
+  "seed": 208513106212
+}"#;
+    let raw = request_bytes(
+        "POST",
+        "/generate/",
+        &[
+            ("accept", "image/png"),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    );
+    let reply = exchange(server.addr, &raw);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("image/png"));
+    assert_eq!(reply.header("x-seeds"), Some("208513106212"));
+    let (w, h, _, text) = decode_png(&reply.body);
+    assert_eq!((w, h), (64, 64));
+    assert!(
+        text.contains("Steps: 30, Sampler: PLMS, CFG scale: 7, Seed: 208513106212"),
+        "{text}"
+    );
+}
+
+/// (what, content type, body, expected status, expected field)
+type BadInput = (
+    &'static str,
+    Option<&'static str>,
+    Vec<u8>,
+    u16,
+    Option<&'static str>,
+);
+
+#[test]
+fn bad_inputs_get_json_errors_naming_the_field_and_the_server_stays_healthy() {
+    let server = Server::start(&[]);
+    let long = "x".repeat(2001);
+    let json_ct = "application/json";
+    let big = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(100_000));
+    let too_long = format!(r#"{{"prompt": "{long}"}}"#).into_bytes();
+    let j = Some(json_ct);
+    #[rustfmt::skip]
+    let cases: Vec<BadInput> = vec![
+        ("missing prompt", j, br#"{"width": 64}"#.to_vec(), 422, Some("prompt")),
+        ("empty object", j, b"{}".to_vec(), 422, Some("prompt")),
+        ("prompt not a string", j, br#"{"prompt": 5}"#.to_vec(), 422, Some("prompt")),
+        ("prompt too long", j, too_long, 422, Some("prompt")),
+        ("negative prompt an array", j, br#"{"prompt": "a", "negative_prompt": ["x"]}"#.to_vec(), 422, Some("negative_prompt")),
+        ("width not a multiple of 8", j, br#"{"prompt": "a", "width": 65}"#.to_vec(), 422, Some("width")),
+        ("width a fraction", j, br#"{"prompt": "a", "width": 64.5}"#.to_vec(), 422, Some("width")),
+        ("height too large", j, br#"{"prompt": "a", "height": 8192}"#.to_vec(), 422, Some("height")),
+        ("height zero", j, br#"{"prompt": "a", "height": 0}"#.to_vec(), 422, Some("height")),
+        ("too many pixels", j, br#"{"prompt": "a", "width": 2048, "height": 2048}"#.to_vec(), 422, Some("width")),
+        ("zero steps", j, br#"{"prompt": "a", "steps": 0}"#.to_vec(), 422, Some("steps")),
+        ("too many steps", j, br#"{"prompt": "a", "steps": 151}"#.to_vec(), 422, Some("steps")),
+        ("steps a string", j, br#"{"prompt": "a", "steps": "ten"}"#.to_vec(), 422, Some("steps")),
+        ("zero images", j, br#"{"prompt": "a", "number_of_images": 0}"#.to_vec(), 422, Some("number_of_images")),
+        ("too many images", j, br#"{"prompt": "a", "number_of_images": 9}"#.to_vec(), 422, Some("number_of_images")),
+        ("cfg_scale a string", j, br#"{"prompt": "a", "cfg_scale": "high"}"#.to_vec(), 422, Some("cfg_scale")),
+        ("negative cfg_scale", j, br#"{"prompt": "a", "cfg_scale": -1}"#.to_vec(), 422, Some("cfg_scale")),
+        ("negative seed", j, br#"{"prompt": "a", "seed": -5}"#.to_vec(), 422, Some("seed")),
+        ("seed beyond u64", j, br#"{"prompt": "a", "seed": 18446744073709551616}"#.to_vec(), 422, Some("seed")),
+        ("seed a string", j, br#"{"prompt": "a", "seed": "abc"}"#.to_vec(), 422, Some("seed")),
+        ("unknown scheduler", j, br#"{"prompt": "a", "scheduler": "lms"}"#.to_vec(), 422, Some("scheduler")),
+        ("a path as scheduler", j, br#"{"prompt": "a", "scheduler": "../../etc/passwd"}"#.to_vec(), 422, Some("scheduler")),
+        ("an array body", j, b"[1, 2]".to_vec(), 422, Some("body")),
+        ("truncated JSON", j, br#"{"prompt": "a""#.to_vec(), 400, None),
+        ("empty body", j, b"".to_vec(), 400, None),
+        ("not JSON", j, b"prompt=a".to_vec(), 400, None),
+        ("invalid UTF-8", j, b"{\"prompt\": \"\xff\xfe\"}".to_vec(), 400, None),
+        ("text/plain", Some("text/plain"), br#"{"prompt": "a"}"#.to_vec(), 415, None),
+        ("a form", Some("application/x-www-form-urlencoded"), b"prompt=a".to_vec(), 415, None),
+        ("body over 64 KiB", j, big.clone().into_bytes(), 413, None),
+    ];
+    assert!(cases.len() >= 15);
+    for (what, content_type, body, status, field) in &cases {
+        let headers: Vec<(&str, &str)> = content_type
+            .iter()
+            .map(|ct| ("Content-Type", *ct))
+            .collect();
+        let reply = exchange(
+            server.addr,
+            &request_bytes("POST", "/generate/", &headers, body),
+        );
+        assert_eq!(reply.status, *status, "{what}: {}", reply.text());
+        assert!(
+            reply
+                .header("content-type")
+                .unwrap_or("")
+                .starts_with("application/json"),
+            "{what}: {:?}",
+            reply.headers
+        );
+        let error = reply.json();
+        let message = error["error"].as_str().unwrap_or("");
+        assert!(!message.is_empty(), "{what}: {error}");
+        assert_eq!(error["field"].as_str(), *field, "{what}: {error}");
+    }
+    // The limit and the value are in the message.
+    let reply = generate(server.addr, None, &json!({"prompt": "a", "steps": 151}));
+    assert_eq!(
+        reply.json()["error"],
+        "steps must be between 1 and 150 (--max-steps), got 151"
+    );
+    // A chunked body over the limit (no Content-Length to refuse early).
+    let mut raw = b"POST /generate/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for chunk in big.as_bytes().chunks(8192) {
+        raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        raw.extend_from_slice(chunk);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let reply = exchange(server.addr, &raw);
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    // An Accept the endpoint cannot satisfy.
+    let reply = generate(server.addr, Some("text/html"), &json!({"prompt": "a"}));
+    assert_eq!(reply.status, 406, "{}", reply.text());
+    assert!(reply.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("text/html"));
+    // Unknown routes and methods answer JSON too.
+    assert_eq!(get(server.addr, "/nope", &[]).json()["error"], "not found");
+    assert_eq!(get(server.addr, "/generate/", &[]).status, 405);
+
+    // Still healthy, still generating; nothing reached the engine; no 5xx anywhere.
+    assert_eq!(get(server.addr, "/health", &[]).status, 200);
+    let reply = generate(server.addr, None, &json!({"prompt": "a", "steps": 1}));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let metrics = server.metrics();
+    assert_eq!(
+        metric(&metrics, "sd21_requests_total{status=\"422\"}"),
+        24.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "sd21_jobs_total{outcome=\"ok\"}"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(!metrics.contains("status=\"5"), "{metrics}");
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after_at_once() {
+    let server = Server::start(&["--queue-size", "1"]);
+    let running = send_and_hold(server.addr, &slow_job());
+    server.wait_until("the first job to run", |s| {
+        s.metric("sd21_jobs_running") == 1.0
+    });
+    let waiting = send_and_hold(server.addr, &slow_job());
+    server.wait_until("the second job to wait", |s| {
+        s.metric("sd21_queue_depth") == 1.0
+    });
+
+    let reply = generate(
+        server.addr,
+        None,
+        &json!({"prompt": "one too many", "steps": 1}),
+    );
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.header("retry-after"), Some("5"));
+    assert!(reply.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("queue is full"));
+    assert_eq!(server.metric("sd21_requests_total{status=\"429\"}"), 1.0);
+
+    // Hanging up frees the engine for new work.
+    drop(waiting);
+    drop(running);
+    server.wait_until("both jobs to be cancelled", |s| {
+        s.metric("sd21_jobs_total{outcome=\"cancelled\"}") == 2.0
+    });
+    let reply = generate(
+        server.addr,
+        None,
+        &json!({"prompt": "now there is room", "steps": 1}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_job_running_or_queued() {
+    let server = Server::start(&[]);
+    let running = send_and_hold(server.addr, &slow_job());
+    server.wait_until("the job to take steps", |s| {
+        s.metric("sd21_step_duration_seconds_count") >= 1.0
+    });
+    let queued = send_and_hold(server.addr, &slow_job());
+    server.wait_until("the second job to queue", |s| {
+        s.metric("sd21_queue_depth") == 1.0
+    });
+
+    drop(queued);
+    drop(running);
+    server.wait_until("both jobs to be cancelled", |s| {
+        s.metric("sd21_jobs_total{outcome=\"cancelled\"}") == 2.0
+    });
+    let metrics = server.metrics();
+    assert_eq!(
+        metric(&metrics, "sd21_requests_total{status=\"499\"}"),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "sd21_jobs_running"), 0.0);
+    // The running job stopped early: far fewer than its 150 steps were taken, and the queued
+    // one never started.
+    let steps = metric(&metrics, "sd21_step_duration_seconds_count");
+    assert!(steps < 140.0, "{steps} steps were taken");
+    assert!(
+        server.log().contains("client went away"),
+        "{}",
+        server.log()
+    );
+
+    let reply = generate(server.addr, None, &json!({"prompt": "after", "steps": 1}));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[test]
+fn past_its_deadline_a_request_gets_503_and_the_server_keeps_serving() {
+    let server = Server::start(&["--request-timeout", "1"]);
+    let huge =
+        json!({"prompt": "a", "width": 256, "height": 256, "steps": 150, "number_of_images": 8});
+    let reply = generate(server.addr, None, &huge);
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("deadline"),
+        "{}",
+        reply.text()
+    );
+    server.wait_until("the job to stop", |s| s.metric("sd21_jobs_running") == 0.0);
+    assert_eq!(server.metric("sd21_jobs_total{outcome=\"deadline\"}"), 1.0);
+    let reply = generate(server.addr, None, &json!({"prompt": "a", "steps": 1}));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[test]
+fn with_an_api_key_everything_but_health_needs_the_bearer_token() {
+    let server = Server::spawn(&["--api-key", "s3cret"]);
+    let good = [("Authorization", "Bearer s3cret")];
+    server.wait_until("ready", |s| get(s.addr, "/ready", &good).status == 200);
+    assert_eq!(get(server.addr, "/health", &[]).status, 200);
+    for path in ["/ready", "/metrics", "/openapi.json", "/docs"] {
+        let reply = get(server.addr, path, &[]);
+        assert_eq!(reply.status, 401, "{path}");
+        assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        assert!(reply.json()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Authorization"));
+    }
+    let body = br#"{"prompt": "a", "steps": 1}"#;
+    let ct = ("Content-Type", "application/json");
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("s3cret"),
+        Some("Basic s3cret"),
+    ] {
+        let mut headers = vec![ct];
+        headers.extend(auth.map(|a| ("Authorization", a)));
+        let reply = exchange(
+            server.addr,
+            &request_bytes("POST", "/generate/", &headers, body),
+        );
+        assert_eq!(reply.status, 401, "{auth:?}");
+    }
+    let reply = exchange(
+        server.addr,
+        &request_bytes("POST", "/generate/", &[ct, good[0]], body),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(!server.log().contains("s3cret"), "the key is never logged");
+    assert!(server
+        .metrics_with(&good)
+        .contains("sd21_requests_total{status=\"200\"} 1"));
+}
+
+#[test]
+fn cors_headers_only_with_cors_origin() {
+    let preflight = |addr| {
+        let raw = request_bytes(
+            "OPTIONS",
+            "/generate/",
+            &[
+                ("Origin", "http://app.example"),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "content-type"),
+            ],
+            b"",
+        );
+        exchange(addr, &raw)
+    };
+    let plain = Server::start(&[]);
+    let reply = get(plain.addr, "/health", &[("Origin", "http://app.example")]);
+    assert_eq!(reply.header("access-control-allow-origin"), None);
+    assert_eq!(
+        preflight(plain.addr).header("access-control-allow-origin"),
+        None
+    );
+
+    let cors = Server::spawn(&["--cors-origin", "http://app.example", "--api-key", "k"]);
+    cors.wait_until("ready", |s| {
+        get(s.addr, "/ready", &[("Authorization", "Bearer k")]).status == 200
+    });
+    let reply = preflight(cors.addr);
+    assert_eq!(
+        reply.status,
+        200,
+        "preflight needs no key: {}",
+        reply.text()
+    );
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("http://app.example")
+    );
+    let reply = get(cors.addr, "/health", &[("Origin", "http://app.example")]);
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("http://app.example")
+    );
+    let reply = get(cors.addr, "/health", &[("Origin", "http://evil.example")]);
+    assert_eq!(reply.header("access-control-allow-origin"), None);
+    assert_ne!(reply.status, 200);
+}
+
+#[test]
+fn openapi_spec_and_docs_describe_both_content_types_errors_limits_and_the_example() {
+    let server = Server::start(&["--max-steps", "50", "--max-images", "4"]);
+    let reply = get(server.addr, "/openapi.json", &[]);
+    assert_eq!(reply.status, 200);
+    assert!(reply
+        .header("content-type")
+        .unwrap_or("")
+        .starts_with("application/json"));
+    let spec = reply.json();
+    let op = &spec["paths"]["/generate/"]["post"];
+    assert!(
+        op.is_object(),
+        "POST /generate/ is documented: {}",
+        spec["paths"]
+    );
+    let ok = &op["responses"]["200"]["content"];
+    assert!(ok["image/png"].is_object(), "{ok}");
+    let json_type = ok
+        .as_object()
+        .and_then(|o| {
+            o.keys()
+                .find(|k| k.starts_with("application/json"))
+                .cloned()
+        })
+        .expect("a JSON 200 content type");
+    assert_eq!(
+        ok[&json_type]["schema"]["$ref"],
+        "#/components/schemas/GenerateResult"
+    );
+    for status in ["400", "413", "415", "422", "429", "503"] {
+        assert!(op["responses"][status].is_object(), "{status} documented");
+    }
+    let error_ref =
+        &op["responses"]["422"]["content"]["application/json; charset=utf-8"]["schema"]["$ref"];
+    assert_eq!(error_ref, "#/components/schemas/ErrorBody");
+    let error_schema = &spec["components"]["schemas"]["ErrorBody"]["properties"];
+    assert!(error_schema["error"].is_object() && error_schema["field"].is_object());
+    assert!(op["responses"]["429"]["headers"]["Retry-After"].is_object());
+
+    let request = &spec["components"]["schemas"]["GenerateRequest"];
+    assert_eq!(request["required"], json!(["prompt"]));
+    let props = &request["properties"];
+    assert_eq!(props["steps"]["maximum"], 50, "the configured --max-steps");
+    assert_eq!(props["number_of_images"]["maximum"], 4);
+    assert_eq!(props["width"]["multipleOf"], 8);
+    assert_eq!(props["prompt"]["maxLength"], 2000);
+    assert_eq!(request["example"]["seed"], 208513106212u64);
+    assert_eq!(request["example"]["cfg_scale"], 7.0);
+
+    let docs = get(server.addr, "/docs", &[]);
+    assert_eq!(docs.status, 200);
+    let html = docs.text();
+    assert!(html.contains("SwaggerUIBundle"), "Swagger UI");
+    assert!(
+        html.contains("\"maximum\": 50"),
+        "the page embeds the served spec"
+    );
+}
+
+#[test]
+fn health_ready_and_metrics() {
+    let server = Server::start(&[]);
+    assert_eq!(get(server.addr, "/health", &[]).json()["status"], "ok");
+    let ready = get(server.addr, "/ready", &[]).json();
+    assert_eq!(
+        (&ready["ready"], &ready["model"]),
+        (&json!(true), &json!("tiny-sd21"))
+    );
+    let body = json!({"prompt": "a", "steps": 3, "number_of_images": 2, "scheduler": "ddim"});
+    let reply = generate(server.addr, None, &body);
+    assert_eq!(reply.status, 200);
+    let metrics = server.metrics();
+    for sample in [
+        "sd21_requests_total{status=\"200\"} 1",
+        "sd21_images_total 2",
+        "sd21_queue_depth 0",
+        "sd21_request_duration_seconds_count 1",
+        "sd21_ready 1",
+        "sd21_jobs_total{outcome=\"ok\"} 1",
+    ] {
+        assert!(metrics.contains(sample), "{sample} missing:\n{metrics}");
+    }
+    // Steps 2 and 3 of both images are timed (step 1 also holds encoding or decoding).
+    assert_eq!(
+        metric(&metrics, "sd21_step_duration_seconds_count"),
+        4.0,
+        "{metrics}"
+    );
+    assert!(
+        server.log().contains("path=\"/generate/\" status=200"),
+        "request log"
+    );
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
+    let mut server = Server::start(&[]);
+    let addr = server.addr;
+    let in_flight = std::thread::spawn(move || {
+        generate(
+            addr,
+            None,
+            &json!({"prompt": "a", "width": 256, "height": 256, "steps": 12}),
+        )
+    });
+    server.wait_until("the job to run", |s| s.metric("sd21_jobs_running") == 1.0);
+    // SAFETY: kill(2) on our own child's pid, with a valid signal number.
+    let rc = unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    server.wait_until("the shutdown to begin", |s| {
+        s.log().contains("shutting down")
+    });
+    server.wait_until("new connections to be refused", |s| {
+        TcpStream::connect(s.addr).is_err()
+    });
+    let reply = in_flight.join().expect("client thread");
+    assert_eq!(
+        reply.status,
+        200,
+        "the in-flight request completes: {}",
+        reply.text()
+    );
+    let (w, h, _, _) = decode_png(&reply.body);
+    assert_eq!((w, h), (256, 256));
+
+    let end = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < end,
+            "no exit after SIGTERM:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    let log = server.log();
+    assert!(
+        log.contains("SIGTERM received") && log.contains("stopped"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_missing_model_fails_at_start_with_a_clear_message() {
+    let output = Command::new(env!("CARGO_BIN_EXE_sd21"))
+        .args(["serve", "--model", "/nonexistent/model", "--port", "0"])
+        .env_remove("SD21_API_KEY")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/model"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process, with a stand-in model that fails on demand.
+
+mod failing_model {
+    use super::*;
+    use sd21::engine::Loader;
+    use sd21::image_io::RgbImage;
+    use sd21::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Progress};
+    use sd21::sampling::SchedulerKind;
+    use sd21::server::{serve, ServerConfig};
+
+    /// "oom" fails like a device out of memory; "panic" panics; anything else is a grey image.
+    struct Flaky;
+
+    impl ImageGenerator for Flaky {
+        fn generate(
+            &self,
+            request: &GenerationRequest,
+            on_step: &mut dyn FnMut(Progress) -> bool,
+        ) -> sd21::Result<Vec<GeneratedImage>> {
+            match request.prompt.as_str() {
+                "oom" => return Err(sd21::Error::Backend("CUDA_ERROR_OUT_OF_MEMORY".into())),
+                "panic" => panic!("a bug in a kernel"),
+                _ => {}
+            }
+            for step in 1..=request.steps {
+                let progress = Progress {
+                    image: 0,
+                    step,
+                    steps_per_image: request.steps,
+                };
+                if !on_step(progress) {
+                    return Err(sd21::Error::Cancelled);
+                }
+            }
+            Ok((0..request.number_of_images)
+                .map(|i| GeneratedImage {
+                    seed: request.seed + i as u64,
+                    image: RgbImage {
+                        width: request.width,
+                        height: request.height,
+                        pixels: vec![128; request.width * request.height * 3],
+                    },
+                })
+                .collect())
+        }
+        fn native_size(&self) -> (usize, usize) {
+            (64, 64)
+        }
+        fn latent_factor(&self) -> usize {
+            8
+        }
+        fn default_scheduler(&self) -> sd21::Result<SchedulerKind> {
+            Ok(SchedulerKind::EulerAncestral)
+        }
+        fn model_name(&self) -> &str {
+            "flaky"
+        }
+        fn describe_device(&self) -> String {
+            "test".into()
+        }
+    }
+
+    #[test]
+    fn failed_and_panicking_jobs_answer_503_and_the_server_keeps_serving() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let load: Loader = Box::new(|| Ok(Box::new(Flaky) as Box<dyn ImageGenerator>));
+            runtime.block_on(serve(ServerConfig::default(), load, listener, async {
+                let _ = stop_rx.await;
+            }))
+        });
+        let end = Instant::now() + Duration::from_secs(60);
+        while get(addr, "/ready", &[]).status != 200 {
+            assert!(Instant::now() < end, "never ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for prompt in ["oom", "panic", "oom"] {
+            let reply = generate(addr, None, &json!({"prompt": prompt, "steps": 2}));
+            assert_eq!(reply.status, 503, "{prompt}: {}", reply.text());
+            let error = reply.json()["error"].as_str().unwrap_or("").to_string();
+            assert!(error.contains("generation failed"), "{prompt}: {error}");
+        }
+        let reply = generate(
+            addr,
+            Some("application/json"),
+            &json!({"prompt": "fine", "steps": 2}),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["parameters"]["scheduler"], "euler_a");
+        let metrics = get(addr, "/metrics", &[]).text();
+        assert_eq!(
+            metric(&metrics, "sd21_jobs_total{outcome=\"failed\"}"),
+            2.0,
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(&metrics, "sd21_jobs_total{outcome=\"panicked\"}"),
+            1.0,
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(&metrics, "sd21_requests_total{status=\"503\"}"),
+            3.0,
+            "{metrics}"
+        );
+
+        stop_tx.send(()).unwrap();
+        let result = server.join().expect("server thread");
+        assert!(result.is_ok(), "{result:?}");
+    }
+}
