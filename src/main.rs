@@ -1,4 +1,5 @@
-//! The `sd21` command line: `sd21 generate …` writes PNGs; `sd21 serve …` serves the HTTP API.
+//! The `sd21` command line: `sd21 download [REPO]` fetches a model; `sd21 generate …` writes PNGs;
+//! `sd21 serve …` serves the HTTP API.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use sd21::pipeline::{GenerationRequest, ImageGenerator, Pipeline};
 use sd21::sampling::SchedulerKind;
 use sd21::server::validation::Limits;
 use sd21::server::ServerConfig;
+use sd21::weights::hub::{self, HubConfig};
 use sd21::weights::ModelFiles;
 
 #[derive(Parser)]
@@ -29,6 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Download a diffusers-layout model from the Hugging Face Hub into the weights folder.
+    Download(DownloadArgs),
     /// Generate images from a prompt and write them as PNG files.
     Generate(GenerateArgs),
     /// Serve the HTTP API (POST /generate/, /docs, /health, /ready, /metrics).
@@ -44,10 +48,32 @@ enum DeviceArg {
 }
 
 #[derive(clap::Args)]
+struct DownloadArgs {
+    /// A Hub repository in the diffusers layout (org/name), or sd21 (768², v-prediction) or
+    /// sd21-base (512², epsilon).
+    #[arg(default_value = hub::DEFAULT_REPO)]
+    repo: String,
+    /// Branch, tag or commit of the repository.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// The weights folder; the model lands in DIR/models--org--name/snapshots/<commit>/ (the Hub's
+    /// cache layout: resumable, shared between revisions) with a link DIR/<name> to it.
+    #[arg(long, env = "SD21_WEIGHTS_DIR", default_value = "weights")]
+    dir: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers-layout model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
-    #[arg(long)]
-    model: PathBuf,
+    /// A diffusers-layout model folder, or a Hub repository (org/name, sd21, sd21-base) fetched
+    /// into --weights-dir when missing.
+    #[arg(long, default_value = "sd21-base")]
+    model: String,
+    /// Revision of a Hub repository given as --model.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Where Hub repositories are downloaded (see `sd21 download`).
+    #[arg(long, env = "SD21_WEIGHTS_DIR", default_value = "weights")]
+    weights_dir: PathBuf,
     /// What to draw.
     #[arg(long)]
     prompt: String,
@@ -85,9 +111,16 @@ struct GenerateArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// A diffusers-layout model folder (loaded once, at start-up).
-    #[arg(long, env = "SD21_MODEL")]
-    model: PathBuf,
+    /// A diffusers-layout model folder, or a Hub repository (org/name, sd21, sd21-base) fetched
+    /// into --weights-dir when missing; resolved and loaded once, at start-up.
+    #[arg(long, env = "SD21_MODEL", default_value = "sd21-base")]
+    model: String,
+    /// Revision of a Hub repository given as --model.
+    #[arg(long, env = "SD21_REVISION", default_value = "main")]
+    revision: String,
+    /// Where Hub repositories are downloaded (see `sd21 download`).
+    #[arg(long, env = "SD21_WEIGHTS_DIR", default_value = "weights")]
+    weights_dir: PathBuf,
     /// Address to bind (loopback by default; 0.0.0.0 to serve other machines).
     #[arg(long, env = "SD21_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -136,14 +169,15 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Download(args) => download(args),
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
     }
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let files = ModelFiles::locate(&args.model)?;
-    let model_dir = args.model.clone();
+    let model_dir = resolve_model(&args.model, &args.revision, &args.weights_dir)?;
+    let files = ModelFiles::locate(&model_dir)?;
     let device = args.device;
     // The engine thread loads the model, so /health answers while it loads.
     let load: sd21::engine::Loader = Box::new(move || {
@@ -176,6 +210,36 @@ fn serve(args: ServeArgs) -> Result<()> {
     runtime.block_on(sd21::server::run(config, load))
 }
 
+fn download(args: DownloadArgs) -> Result<()> {
+    let repo = hub::repo_id_for(&args.repo).unwrap_or_else(|| args.repo.clone());
+    let snapshot = hub::download(&repo, &args.revision, &args.dir, &HubConfig::from_env())?;
+    if snapshot.downloaded == 0 {
+        eprintln!("{repo} (commit {}) was already downloaded", snapshot.commit);
+    } else {
+        eprintln!(
+            "downloaded {} file(s) of {repo} (commit {})",
+            snapshot.downloaded, snapshot.commit
+        );
+    }
+    if let Some(link) = &snapshot.link {
+        eprintln!("{} -> {}", link.display(), snapshot.path.display());
+    }
+    eprintln!("serve it with: sd21 serve --model {}", args.repo);
+    println!("{}", snapshot.path.display());
+    Ok(())
+}
+
+/// `--model`: a folder as it is, or a Hub repository downloaded into the weights folder. Runs
+/// once, at start-up.
+fn resolve_model(model: &str, revision: &str, weights_dir: &Path) -> Result<PathBuf> {
+    Ok(hub::resolve_model(
+        model,
+        revision,
+        weights_dir,
+        &HubConfig::from_env(),
+    )?)
+}
+
 fn generate(args: GenerateArgs) -> Result<()> {
     if args.number_of_images == 0 {
         bail!("--number-of-images must be at least 1");
@@ -191,9 +255,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let backend = match args.device {
         DeviceArg::Auto | DeviceArg::Cpu => CpuBackend::new(),
     };
-    let files = ModelFiles::locate(&args.model)?;
+    let model_dir = resolve_model(&args.model, &args.revision, &args.weights_dir)?;
+    let files = ModelFiles::locate(&model_dir)?;
     let pipeline = Pipeline::load(&files, backend)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+        .with_context(|| format!("loading {}", model_dir.display()))?;
     let scheduler = match scheduler {
         Some(s) => s,
         None => pipeline

@@ -12,14 +12,14 @@
 //! becomes a path. Every failure a user can meet (unknown repository, no network, disk full, a
 //! file the repository lacks) is a [`HubError`] whose message says what to do.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IsTerminal};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::api::Progress;
 use hf_hub::{Cache, Repo, RepoType};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::ModelFiles;
 
@@ -59,8 +59,8 @@ pub enum HubError {
          Hub repository id (org/name)"
     )]
     NotAModel { name: String, aliases: String },
-    #[error("model folder {path} does not exist")]
-    LocalFolderMissing { path: PathBuf },
+    #[error("model folder {path} does not exist{hint}")]
+    LocalFolderMissing { path: PathBuf, hint: String },
     #[error("invalid {what} `{value}`: {reason}")]
     InvalidName {
         what: &'static str,
@@ -242,12 +242,25 @@ pub fn resolve_model(
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let Some(repo) = repo_id_for(name_or_dir) else {
-        if looks_like_path(name_or_dir) {
-            return Err(HubError::LocalFolderMissing {
-                path: path.to_path_buf(),
-            });
-        }
+    let repo = repo_id_for(name_or_dir);
+    // `weights/typo` is a missing folder (its first part exists here), not a repository.
+    let first_part_is_a_folder = name_or_dir
+        .split_once('/')
+        .is_some_and(|(first, _)| Path::new(first).is_dir());
+    if looks_like_path(name_or_dir) || (repo.is_some() && first_part_is_a_folder) {
+        return Err(HubError::LocalFolderMissing {
+            path: path.to_path_buf(),
+            hint: if repo.is_some() {
+                format!(
+                    " (for the Hub repository {name_or_dir}, run `sd21 download {name_or_dir}` \
+                     and pass the folder it prints)"
+                )
+            } else {
+                String::new()
+            },
+        });
+    }
+    let Some(repo) = repo else {
         return Err(HubError::NotAModel {
             name: name_or_dir.to_string(),
             aliases: ALIASES
@@ -311,28 +324,42 @@ pub fn download(repo: &str, revision: &str, dir: &Path, hub: &HubConfig) -> Resu
 
     let ctx = Context::new(hub, repo, revision, &dir, None);
     tracing::info!(repo, revision, endpoint = %hub.endpoint, "listing the repository");
-    let info = guarded(&ctx, || api_repo.info())?;
+    // hf-hub's `info()` drops the LFS hashes; `?blobs=true` gives them (see `reuse_blob`).
+    let info: RepoListing = guarded(&ctx, || {
+        let response = api_repo
+            .info_request()
+            .query("blobs", "true")
+            .call()
+            .map_err(|e| ApiError::RequestError(Box::new(e)))?;
+        serde_json::from_reader(response.into_reader()).map_err(|e| ApiError::IoError(e.into()))
+    })?;
     if check_path_component(&info.sha).is_err() {
         return Err(ctx.protocol(format!("commit id `{}` is not a commit id", info.sha)));
     }
-    let listing: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let listing: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
     let files = choose_files(repo, &listing)?;
     let snapshot = repo_cache_dir(&dir, repo).join("snapshots").join(&info.sha);
 
-    let missing: Vec<&String> = files
-        .iter()
-        .filter(|f| !snapshot.join(f).is_file())
-        .collect();
+    let mut missing: Vec<&String> = Vec::new();
+    for file in &files {
+        if snapshot.join(file).is_file() || reuse_blob(&dir, repo, &snapshot, file, &info) {
+            continue;
+        }
+        missing.push(file);
+    }
     let downloaded = missing.len();
     if missing.is_empty() {
         tracing::info!(repo, commit = %info.sha, "already downloaded");
     }
+    // Bars on a terminal; a log line per file otherwise (containers, CI).
+    let bars = hub.progress && std::io::stderr().is_terminal();
     for (i, file) in missing.iter().enumerate() {
         let ctx = Context::new(hub, repo, revision, &dir, Some(file));
-        let progress = FileProgress::new(
-            hub.progress,
-            format!("[{}/{}] {file}", i + 1, missing.len()),
-        );
+        let label = format!("[{}/{}] {file}", i + 1, missing.len());
+        if !bars {
+            tracing::info!("downloading {label}");
+        }
+        let progress = FileProgress::new(bars, label);
         let path = guarded(&ctx, || api_repo.download_with_progress(file, progress))?;
         if path != snapshot.join(file) {
             // The branch moved between the listing and this file: the files would mix commits.
@@ -342,7 +369,6 @@ pub fn download(repo: &str, revision: &str, dir: &Path, hub: &HubConfig) -> Resu
                 info.sha
             )));
         }
-        tracing::info!(file = %file, "downloaded");
     }
     // hf-hub records the ref when it downloads; record it when everything was already there too.
     if revision != info.sha {
@@ -363,6 +389,78 @@ pub fn download(repo: &str, revision: &str, dir: &Path, hub: &HubConfig) -> Resu
         downloaded,
         path: snapshot,
     })
+}
+
+/// The repository listing (`GET /api/models/{repo}/revision/{rev}?blobs=true`), the part sd21
+/// reads.
+#[derive(Debug, serde::Deserialize)]
+struct RepoListing {
+    sha: String,
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+    #[serde(default)]
+    lfs: Option<LfsInfo>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LfsInfo {
+    sha256: String,
+}
+
+/// A large file already downloaded for another commit (the blob is named by its sha256, which is
+/// the Hub's ETag for LFS files) is linked into this snapshot instead of being fetched again, so
+/// a new commit that only touched the README costs no download. Small files are fetched anew.
+fn reuse_blob(dir: &Path, repo: &str, snapshot: &Path, file: &str, info: &RepoListing) -> bool {
+    let Some(sha256) = info
+        .siblings
+        .iter()
+        .find(|s| s.rfilename == file)
+        .and_then(|s| s.lfs.as_ref())
+        .map(|lfs| lfs.sha256.as_str())
+    else {
+        return false;
+    };
+    if check_path_component(sha256).is_err() {
+        return false;
+    }
+    let blob = repo_cache_dir(dir, repo).join("blobs").join(sha256);
+    if !blob.is_file() {
+        return false;
+    }
+    let pointer = snapshot.join(file);
+    // snapshots/<commit>/<file> → ../(one per folder of <file>)../blobs/<sha256>
+    let mut target = PathBuf::from("..");
+    for _ in file.split('/') {
+        target.push("..");
+    }
+    target.push("blobs");
+    target.push(sha256);
+    #[cfg(unix)]
+    {
+        let linked = pointer
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::os::unix::fs::symlink(&target, &pointer));
+        match linked {
+            Ok(()) if pointer.is_file() => {
+                tracing::info!(file, "already downloaded for another commit");
+                true
+            }
+            _ => {
+                let _ = std::fs::remove_file(&pointer);
+                false
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (pointer, target);
+        false
+    }
 }
 
 /// The complete snapshot of `repo` at `revision` already in `dir`, if there is one.
@@ -733,17 +831,15 @@ fn io_error(path: &Path, dir: &Path, file: &str, source: std::io::Error) -> HubE
 }
 
 /// One progress bar per file: `[2/9] unet/… [=====>    ] 1.2 GiB/1.7 GiB 48 MiB/s eta 10s`.
+/// Drawn from the first `init` on (when the size is known), on stderr when it is a terminal.
 struct FileProgress {
     bar: ProgressBar,
+    visible: bool,
 }
 
 impl FileProgress {
     fn new(visible: bool, label: String) -> Self {
-        let bar = if visible {
-            ProgressBar::new(0)
-        } else {
-            ProgressBar::hidden()
-        };
+        let bar = ProgressBar::hidden();
         bar.set_style(
             ProgressStyle::with_template(
                 "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -752,7 +848,7 @@ impl FileProgress {
             .progress_chars("=> "),
         );
         bar.set_message(label);
-        FileProgress { bar }
+        FileProgress { bar, visible }
     }
 }
 
@@ -761,6 +857,9 @@ impl Progress for FileProgress {
     fn init(&mut self, size: usize, _filename: &str) {
         self.bar.set_length(size as u64);
         self.bar.set_position(0);
+        if self.visible && self.bar.is_hidden() {
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
     }
     fn update(&mut self, size: usize) {
         self.bar.inc(size as u64);
@@ -876,6 +975,13 @@ mod tests {
         let dir = std::env::temp_dir();
         let err = resolve_model("./no/such/folder", "main", &dir, &hub).unwrap_err();
         assert!(matches!(err, HubError::LocalFolderMissing { .. }), "{err}");
+        // The tests run in the crate root, where `src/` exists.
+        let err = resolve_model("src/nothing", "main", &dir, &hub).unwrap_err();
+        assert!(matches!(err, HubError::LocalFolderMissing { .. }), "{err}");
+        assert!(
+            err.to_string().contains("sd21 download src/nothing"),
+            "{err}"
+        );
         let err = resolve_model("nosuchmodel", "main", &dir, &hub).unwrap_err();
         assert!(err.to_string().contains("sd21-base = "), "{err}");
     }
