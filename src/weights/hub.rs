@@ -212,7 +212,7 @@ pub struct Snapshot {
     pub commit: String,
     /// `DIR/models--org--name/snapshots/<commit>`: a diffusers folder [`ModelFiles::locate`] reads.
     pub path: PathBuf,
-    /// The repository paths the model consists of.
+    /// The repository paths the model consists of (empty when found offline).
     pub files: Vec<String>,
     /// How many of them this call downloaded (0: everything was there).
     pub downloaded: usize,
@@ -309,6 +309,8 @@ pub fn download(repo: &str, revision: &str, dir: &Path, hub: &HubConfig) -> Resu
     }
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, &dir, "", e))?;
 
+    // Not `ApiBuilder::from_env()`: the weights folder is the cache (HF_HOME's is not used), the
+    // endpoint and token come from `hub`, and its default cache panics without a home folder.
     let api = ApiBuilder::from_cache(Cache::new(dir.clone()))
         .with_endpoint(hub.endpoint.clone())
         .with_token(hub.token.clone())
