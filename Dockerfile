@@ -62,7 +62,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/sd21 sd21 \
+RUN groupadd --system --gid 10001 sd21 \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/sd21 sd21 \
     && mkdir -p /weights \
     && chown sd21:sd21 /weights
 
@@ -82,7 +83,8 @@ USER 10001:10001
 WORKDIR /home/sd21
 
 # /health answers as soon as the server listens; the first start may first download the model
-# (about 2.6 GB), hence the long start period.
+# (about 2.6 GB), hence the long start period. Change the port with SD21_PORT (not --port), so
+# the check follows.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30m --retries=3 \
     CMD ["/bin/sh", "-c", "curl -fsS \"http://127.0.0.1:${SD21_PORT}/health\" || exit 1"]
 
