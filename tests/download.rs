@@ -424,6 +424,8 @@ fn downloads_only_what_the_model_needs_preferring_fp16_and_it_loads() {
     }
     let files = ModelFiles::locate(&snapshot.path).unwrap();
     assert!(files.unet_weights.ends_with(FP16_UNET), "{files:?}");
+    // Logs and PNG metadata name the repository, not the snapshot's commit.
+    assert_eq!(files.model_name(), REPO);
     // Contents are the served bytes, through the cache's blob links.
     assert_eq!(
         std::fs::read(&files.vae_weights).unwrap(),
@@ -437,7 +439,7 @@ fn downloads_only_what_the_model_needs_preferring_fp16_and_it_loads() {
     // The convenience link weights/<name> → the snapshot.
     let link = snapshot.link.clone().expect("link");
     assert_eq!(link, dir.path().join("tiny-sd21"));
-    ModelFiles::locate(&link).unwrap();
+    assert_eq!(ModelFiles::locate(&link).unwrap().model_name(), REPO);
 }
 
 #[test]

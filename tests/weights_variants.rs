@@ -182,6 +182,22 @@ fn missing_tensor_names_the_file_and_the_tensor() {
 
 #[test]
 fn wrong_shape_names_the_tensor_and_both_shapes() {
+    // A config that disagrees with its weights: the MLP width is 64 in the file.
+    let dir = temp_model();
+    let cfg_path = dir.path().join("text_encoder").join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["intermediate_size"] = serde_json::json!(48);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("mlp.fc1.weight") && err.contains("48") && err.contains("64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn text_encoder_width_must_match_unet_cross_attention() {
     let dir = temp_model();
     let cfg_path = dir.path().join("unet").join("config.json");
     let mut cfg: serde_json::Value =
@@ -190,7 +206,7 @@ fn wrong_shape_names_the_tensor_and_both_shapes() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let err = load_error(dir.path());
     assert!(
-        err.contains("attn2.to_k.weight") && err.contains("48"),
+        err.contains("cross_attention_dim") && err.contains("48"),
         "{err}"
     );
 }

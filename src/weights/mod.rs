@@ -71,14 +71,24 @@ impl ModelFiles {
         })
     }
 
-    /// A short model name for logs and PNG metadata: the folder's name.
+    /// A short model name for logs and PNG metadata: `org/name` for a snapshot in a Hub cache
+    /// (`models--org--name/snapshots/<commit>`), otherwise the folder's name.
     pub fn model_name(&self) -> String {
-        self.root
+        let root = self
+            .root
             .canonicalize()
-            .unwrap_or_else(|_| self.root.clone())
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
+            .unwrap_or_else(|_| self.root.clone());
+        let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let parent = root.parent();
+        let in_snapshots = parent.and_then(file_name).as_deref() == Some("snapshots");
+        let repo = parent
+            .and_then(Path::parent)
+            .and_then(file_name)
+            .and_then(|n| n.strip_prefix("models--").map(|r| r.replacen("--", "/", 1)));
+        match repo {
+            Some(repo) if in_snapshots => repo,
+            _ => file_name(&root).unwrap_or_else(|| "model".into()),
+        }
     }
 }
 

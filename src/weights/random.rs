@@ -24,8 +24,9 @@ impl TensorSource for RandomWeights {
         let no_bias = ["to_q.bias", "to_k.bias", "to_v.bias"];
         let legacy = [".query.", ".key.", ".value.", ".proj_attn."];
         let in_unet_attention = name.contains("attn1.") || name.contains("attn2.");
-        !(in_unet_attention && no_bias.iter().any(|s| name.ends_with(s)))
-            && !legacy.iter().any(|s| name.contains(s))
+        let is_unet_qkv_bias = in_unet_attention && no_bias.iter().any(|s| name.ends_with(s));
+        let is_legacy_name = legacy.iter().any(|s| name.contains(s));
+        !is_unet_qkv_bias && !is_legacy_name
     }
 
     fn shape_of(&self, _name: &str) -> Option<Vec<usize>> {
