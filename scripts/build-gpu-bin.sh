@@ -3,7 +3,8 @@
 # no Rust toolchain): `cargo test --release --no-run` with every kernel compiled (nvcc from
 # scripts/install-nvcc.sh unless NVCC is set; SD21_REQUIRE_CUDA=1), then copies each test
 # executable, stripped, into the git-ignored folder .gpu-bin/ with a BUILD.txt saying what was
-# built from what. Carry that folder with the run: `carry: [".gpu-bin"]`.
+# built from what, and the release sd21-bench beside them (gpu-check.sh runs its kernel and
+# pipeline benchmarks). Carry that folder with the run: `carry: [".gpu-bin"]`.
 #
 # Usage: scripts/build-gpu-bin.sh [TEST_TARGET ...]   (default: cuda_ops)
 set -euo pipefail
@@ -26,6 +27,11 @@ json="$(mktemp)"
 trap 'rm -f "$json"' EXIT
 echo "build-gpu-bin: cargo test --release --no-run ${args[*]} (NVCC=$NVCC)" >&2
 cargo test --release --no-run "${args[@]}" --message-format=json-render-diagnostics >"$json"
+echo "build-gpu-bin: cargo build --release --bin sd21-bench" >&2
+cargo build --release --bin sd21-bench
+cp target/release/sd21-bench "$out/sd21-bench"
+strip "$out/sd21-bench"
+echo "build-gpu-bin: $out/sd21-bench ($(du -h "$out/sd21-bench" | cut -f1))" >&2
 
 for t in "${targets[@]}"; do
     # The compiler-artifact line of test target $t carries its executable's path.
@@ -58,7 +64,7 @@ done
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), glibc $(ldd --version | head -n1 | awk '{print $NF}')"
     echo "nvcc: $("$NVCC" --version | grep release)"
     echo "archs: ${SD21_CUDA_ARCHS:-80,86,89,90 (default)}"
-    echo "targets: ${targets[*]}"
+    echo "targets: ${targets[*]} + sd21-bench"
 } >"$out/BUILD.txt"
 
 total=$(du -sm "$out" | cut -f1)

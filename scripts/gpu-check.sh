@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one command run on a lent GPU machine (no Rust there): runs the prebuilt CUDA test binary
-# (every op vs the CPU backend, the tiny pipeline CUDA vs CPU) and writes a JSON report.
+# (every op vs the CPU backend, the tiny pipeline CUDA vs CPU), then, when they passed, the
+# prebuilt sd21-bench (kernel table against the measured ceilings; a full-size SD 2.1 512²
+# pipeline with random weights, side by side with diffusers when a Python with torch + diffusers
+# is found there), and writes a JSON report.
 #
 # Before the call, here: scripts/build-gpu-bin.sh  (fills the git-ignored .gpu-bin/)
 # The call:              run(command="bash scripts/gpu-check.sh", carry=[".gpu-bin"])
@@ -15,7 +18,10 @@
 # - Writes $OUT/gpu-check.json (OUT defaults to .gpu-bin/out) and the full log beside it; prints
 #   the report's path and a summary; exits non-zero when any test failed.
 # - `--no-gpu-probe` skips the GPU and cuBLAS checks and does not set SD21_EXPECT_GPU: only for
-#   testing this script's own logic on a machine without a GPU (the tests then skip).
+#   testing this script's own logic on a machine without a GPU (the tests then skip, and the
+#   benchmarks run on the CPU at the smoke shapes and the tiny model).
+# - Benchmarks: $OUT/kernels.{txt,json}, $OUT/pipeline.{txt,json}, each under `timeout`
+#   (SD21_GPU_BENCH_TIMEOUT seconds each, default 150). A failed benchmark fails the check (exit 3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +36,7 @@ bin=.gpu-bin/cuda_ops
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 gpu_info=""
 cublas_dir=""
+bench_status="not run"
 
 # write_report STATUS MESSAGE [EXIT_CODE]: the JSON report (python3 when present, else a minimal
 # one by hand).
@@ -37,8 +44,15 @@ write_report() {
     local status="$1" message="$2" code="${3:-0}"
     if command -v python3 >/dev/null 2>&1; then
         STATUS="$status" MESSAGE="$message" CODE="$code" STARTED="$started" GPU="$gpu_info" \
-            CUBLAS="$cublas_dir" LOG="$log" BUILD=.gpu-bin/BUILD.txt python3 - >"$report" <<'PY'
+            CUBLAS="$cublas_dir" LOG="$log" BUILD=.gpu-bin/BUILD.txt OUTDIR="$out" \
+            BENCH_STATUS="$bench_status" python3 - >"$report" <<'PY'
 import json, os, re
+def read_json(name):
+    path = os.path.join(os.environ["OUTDIR"], name)
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
 log_path = os.environ["LOG"]
 lines = open(log_path, errors="replace").read().splitlines() if os.path.exists(log_path) else []
 tests, checks, summary = {}, [], None
@@ -83,6 +97,11 @@ print(json.dumps({
     "checks": checks,
     "panics": failed_lines[:50],
     "log": log_path,
+    "benchmarks": {
+        "status": os.environ["BENCH_STATUS"],
+        "kernels": read_json("kernels.json"),
+        "pipeline": read_json("pipeline.json"),
+    },
 }, indent=2))
 PY
     else
@@ -148,10 +167,60 @@ echo "gpu-check: running $bin (log: $log)" >&2
 timeout "${SD21_GPU_TEST_TIMEOUT:-420}" "$bin" --nocapture --test-threads=4 >"$log" 2>&1
 rc=$?
 
-# 5. The report.
+# 5. The benchmarks, only on kernels that passed their tests.
+bench=.gpu-bin/sd21-bench
+bench_rc=0
 if [ "$rc" = 0 ]; then
+    if [ ! -x "$bench" ]; then
+        bench_status="missing: no $bench (scripts/build-gpu-bin.sh builds it)"
+        bench_rc=3
+    else
+        if [ "$probe" = 1 ]; then
+            kernel_args=(--device cuda --shapes all)
+            pipeline_args=(--device cuda --random sd21-512 --steps 20)
+        else
+            kernel_args=(--device cpu --shapes smoke --repeats 1)
+            pipeline_args=(--device cpu --random tiny --steps 2 --repeats 1)
+        fi
+        # diffusers on the same work, when this machine has it.
+        torch_python=""
+        for p in "${SD21_TORCH_PYTHON:-}" /opt/torch/.venv/bin/python python3; do
+            if [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 &&
+                "$p" -c "import torch, diffusers" >/dev/null 2>&1; then
+                torch_python="$p"
+                break
+            fi
+        done
+        if [ -n "$torch_python" ]; then
+            pipeline_args+=(--compare-torch --python "$torch_python")
+            echo "gpu-check: diffusers reference with $torch_python" >&2
+        else
+            echo "gpu-check: no Python with torch + diffusers here: pipeline without the reference" >&2
+        fi
+        bench_timeout="${SD21_GPU_BENCH_TIMEOUT:-150}"
+        echo "gpu-check: sd21-bench kernels ${kernel_args[*]}" >&2
+        timeout "$bench_timeout" "$bench" kernels "${kernel_args[@]}" --json "$out/kernels.json" \
+            >"$out/kernels.txt" 2>&1 || bench_rc=3
+        echo "gpu-check: sd21-bench pipeline ${pipeline_args[*]}" >&2
+        timeout "$bench_timeout" "$bench" pipeline "${pipeline_args[@]}" --json "$out/pipeline.json" \
+            >"$out/pipeline.txt" 2>&1 || bench_rc=3
+        cat "$out/kernels.txt" "$out/pipeline.txt"
+        if [ "$bench_rc" = 0 ]; then
+            bench_status="ok"
+        else
+            bench_status="failed: see kernels.txt and pipeline.txt"
+        fi
+    fi
+fi
+
+# 6. The report.
+if [ "$rc" = 0 ] && [ "$bench_rc" != 0 ]; then
+    status="failed"
+    message="all CUDA tests passed; benchmarks $bench_status"
+    rc="$bench_rc"
+elif [ "$rc" = 0 ]; then
     status="ok"
-    message="all CUDA tests passed"
+    message="all CUDA tests passed; benchmarks ok"
 elif [ "$rc" = 124 ]; then
     status="failed"
     message="the tests ran past ${SD21_GPU_TEST_TIMEOUT:-420} s and were stopped"

@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 
-use sd21::backend::cpu::CpuBackend;
+use sd21::backend::Device;
 use sd21::image_io::{save_png, ImageParameters};
-use sd21::pipeline::{GenerationRequest, ImageGenerator, Pipeline};
+use sd21::pipeline::{load_on_device, GenerationRequest};
 use sd21::sampling::SchedulerKind;
 use sd21::server::validation::Limits;
 use sd21::server::ServerConfig;
@@ -37,14 +37,6 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the HTTP API (POST /generate/, /docs, /health, /ready, /metrics).
     Serve(ServeArgs),
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeviceArg {
-    /// The best device present (the CPU in this build).
-    Auto,
-    /// The CPU backend (f32).
-    Cpu,
 }
 
 #[derive(clap::Args)]
@@ -101,9 +93,10 @@ struct GenerateArgs {
     /// How many images to generate.
     #[arg(long, default_value_t = 1)]
     number_of_images: usize,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    device: DeviceArg,
+    /// auto (a GPU when this build has kernels and one is present, else the CPU), cpu, cuda or
+    /// cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: Device,
     /// Output PNG; with several images, FILE-0.png, FILE-1.png, …
     #[arg(long)]
     output: PathBuf,
@@ -127,9 +120,10 @@ struct ServeArgs {
     /// Port to bind (0: any free port, logged at start-up).
     #[arg(long, env = "SD21_PORT", default_value_t = 8000)]
     port: u16,
-    /// Where to run.
-    #[arg(long, env = "SD21_DEVICE", value_enum, default_value_t = DeviceArg::Auto)]
-    device: DeviceArg,
+    /// auto (a GPU when this build has kernels and one is present, else the CPU), cpu, cuda or
+    /// cuda:N.
+    #[arg(long, env = "SD21_DEVICE", default_value = "auto")]
+    device: Device,
     /// Requests that may wait while one runs; more are answered 429 at once.
     #[arg(long, env = "SD21_QUEUE_SIZE", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -181,12 +175,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     let device = args.device;
     // The engine thread loads the model, so /health answers while it loads.
     let load: sd21::engine::Loader = Box::new(move || {
-        let backend = match device {
-            DeviceArg::Auto | DeviceArg::Cpu => CpuBackend::new(),
-        };
-        tracing::info!(model = %model_dir.display(), "loading the model");
-        let pipeline = Pipeline::load(&files, backend)?;
-        Ok(Box::new(pipeline) as Box<dyn ImageGenerator>)
+        tracing::info!(model = %model_dir.display(), %device, "loading the model");
+        load_on_device(&files, device)
     });
     let config = ServerConfig {
         host: args.host,
@@ -252,13 +242,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(SchedulerKind::from_name)
         .transpose()?;
-    let backend = match args.device {
-        DeviceArg::Auto | DeviceArg::Cpu => CpuBackend::new(),
-    };
     let model_dir = resolve_model(&args.model, &args.revision, &args.weights_dir)?;
     let files = ModelFiles::locate(&model_dir)?;
-    let pipeline = Pipeline::load(&files, backend)
-        .with_context(|| format!("loading {}", model_dir.display()))?;
+    let pipeline = load_on_device(&files, args.device)
+        .with_context(|| format!("loading {} on {}", model_dir.display(), args.device))?;
     let scheduler = match scheduler {
         Some(s) => s,
         None => pipeline
@@ -281,12 +268,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
         number_of_images: args.number_of_images,
     };
     eprintln!(
-        "seed {seed}, {}×{}, {} steps, {}, cfg {}",
+        "seed {seed}, {}×{}, {} steps, {}, cfg {}, on {}",
         request.width,
         request.height,
         request.steps,
         scheduler.name(),
-        request.cfg_scale
+        request.cfg_scale,
+        pipeline.describe_device()
     );
 
     let bar = ProgressBar::new(0);

@@ -2,7 +2,9 @@
 //! decode → pixels. Latents stay on the host in NCHW order between steps, so the noise drawn for
 //! them is exactly what diffusers draws with the same seed.
 
-use crate::backend::Backend;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, Device};
 use crate::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
 use crate::image_io::RgbImage;
 use crate::model::{ClipTextModel, Unet, VaeDecoder};
@@ -330,6 +332,30 @@ impl<B: Backend> Pipeline<B> {
             pixels,
         })
     }
+}
+
+/// Loads the model on `device` (`auto` resolved by [`Device::resolve`]). Under `auto`, a GPU
+/// that is present but cannot be started (e.g. cuBLAS missing) is logged and the CPU is used; an
+/// explicit `cuda[:N]` that cannot be started is an error.
+pub fn load_on_device(files: &ModelFiles, device: Device) -> Result<Box<dyn ImageGenerator>> {
+    let cuda = match device.resolve() {
+        Device::Cuda(ordinal) => match CudaBackend::new(ordinal) {
+            Ok(backend) => Some(backend),
+            Err(err) if device == Device::Auto => {
+                tracing::warn!(%err, "a GPU is present but CUDA could not start; using the CPU");
+                None
+            }
+            Err(err) => return Err(err),
+        },
+        Device::Auto | Device::Cpu => None,
+    };
+    Ok(match cuda {
+        Some(backend) => {
+            tracing::info!(device = %backend.describe(), "loading the model on the GPU");
+            Box::new(Pipeline::load(files, backend)?)
+        }
+        None => Box::new(Pipeline::load(files, CpuBackend::new())?),
+    })
 }
 
 /// A loaded model on some backend, as the engine and the CLI see it (the backend's type erased).

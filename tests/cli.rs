@@ -162,3 +162,59 @@ fn bad_arguments_fail_with_a_message_not_a_panic() {
         "{stderr}"
     );
 }
+
+#[test]
+fn device_cuda_is_a_clear_error_without_a_gpu_and_matches_the_cpu_with_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |device: &str| {
+        let out = dir.path().join(format!("{}.png", device.replace(':', "-")));
+        let result = sd21()
+            .args(["generate", "--model"])
+            .arg(tiny_model())
+            .args(["--prompt", "a red boat", "--steps", "3", "--seed", "7"])
+            .args(["--device", device, "--output"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        (result, out)
+    };
+    let (cpu, cpu_png) = run("cpu");
+    assert!(
+        cpu.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cpu.stderr)
+    );
+    let (cuda, cuda_png) = run("cuda:0");
+    let stderr = String::from_utf8_lossy(&cuda.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if !sd21::backend::cuda::cuda_available() {
+        assert!(
+            !cuda.status.success(),
+            "--device cuda without a GPU must fail"
+        );
+        assert!(
+            stderr.contains("cuda:0") && stderr.to_lowercase().contains("cuda"),
+            "the error names the device: {stderr}"
+        );
+        eprintln!("skipped the CUDA image comparison: no CUDA device");
+        return;
+    }
+    assert!(cuda.status.success(), "{stderr}");
+    let decode = |path: &std::path::Path| {
+        let mut reader = png::Decoder::new(std::io::Cursor::new(std::fs::read(path).unwrap()))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        buf
+    };
+    let (a, b) = (decode(&cpu_png), decode(&cuda_png));
+    assert_eq!(a.len(), b.len());
+    let mean = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| f64::from(x.abs_diff(*y)))
+        .sum::<f64>()
+        / a.len() as f64;
+    assert!(mean <= 2.0, "mean |cpu - cuda| = {mean}/255");
+}

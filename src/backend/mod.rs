@@ -7,6 +7,9 @@
 
 pub mod cpu;
 pub mod cuda;
+mod device;
+
+pub use device::Device;
 
 use crate::tensor::HostTensor;
 use crate::Result;

@@ -1,0 +1,94 @@
+//! `--device auto|cpu|cuda[:N]`: parsing the choice and resolving `auto` to what this machine has.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Error, Result};
+
+/// Where the model runs, as a user names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    /// CUDA device 0 when this binary has kernels and a GPU is present, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU backend (f32).
+    Cpu,
+    /// The CUDA backend on device N (f16 storage, f32 accumulation).
+    Cuda(usize),
+}
+
+impl Device {
+    /// `auto` resolved: `Cuda(0)` when [`super::cuda::cuda_available`], else `Cpu`. Others as
+    /// they are: an explicit `cuda` is never turned into the CPU.
+    pub fn resolve(self) -> Device {
+        match self {
+            Device::Auto if super::cuda::cuda_available() => Device::Cuda(0),
+            Device::Auto => Device::Cpu,
+            other => other,
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Device> {
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => lower
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "unknown device `{s}`: expected auto, cpu, cuda or cuda:N"
+                    ))
+                }),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_spelling_and_rejects_the_rest() {
+        assert_eq!("auto".parse::<Device>().unwrap(), Device::Auto);
+        assert_eq!("CPU".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        for bad in ["", "cuda:", "cuda:-1", "cuda:x", "tpu", "cuda3"] {
+            let err = bad.parse::<Device>().unwrap_err().to_string();
+            assert!(err.contains("auto, cpu, cuda or cuda:N"), "{bad}: {err}");
+        }
+        for d in [Device::Auto, Device::Cpu, Device::Cuda(2)] {
+            assert_eq!(d.to_string().parse::<Device>().unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn auto_resolves_to_what_is_present_and_explicit_choices_stay() {
+        let expected = if crate::backend::cuda::cuda_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        };
+        assert_eq!(Device::Auto.resolve(), expected);
+        assert_eq!(Device::Cpu.resolve(), Device::Cpu);
+        assert_eq!(Device::Cuda(1).resolve(), Device::Cuda(1));
+    }
+}
