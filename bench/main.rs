@@ -101,6 +101,8 @@ enum BenchCommand {
 }
 
 fn main() -> Result<()> {
+    // As `sd21` does: freed activation buffers are reused, not unmapped (see the function).
+    sd21::backend::cpu::keep_freed_memory();
     match Cli::parse().command {
         BenchCommand::Kernels {
             device,

@@ -156,12 +156,15 @@ struct ServeArgs {
 }
 
 fn main() -> Result<()> {
+    // Before any other thread exists: freed activation buffers are reused, not unmapped.
+    let kept = sd21::backend::cpu::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!(kept, "malloc keeps freed memory");
     match Cli::parse().command {
         Command::Download(args) => download(args),
         Command::Generate(args) => generate(args),

@@ -16,7 +16,10 @@ mod conv;
 mod elementwise;
 mod gemm;
 mod math;
+mod memory;
 mod norm;
+
+pub use memory::keep_freed_memory;
 
 use std::sync::Arc;
 
