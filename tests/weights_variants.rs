@@ -180,15 +180,20 @@ fn missing_tensor_names_the_file_and_the_tensor() {
     );
 }
 
+/// Rewrites one key of `model/component/config.json`.
+fn set_config_value(model: &std::path::Path, component: &str, key: &str, value: u64) {
+    let path = model.join(component).join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg[key] = serde_json::json!(value);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+}
+
 #[test]
 fn wrong_shape_names_the_tensor_and_both_shapes() {
     // A config that disagrees with its weights: the MLP width is 64 in the file.
     let dir = temp_model();
-    let cfg_path = dir.path().join("text_encoder").join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["intermediate_size"] = serde_json::json!(48);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    set_config_value(dir.path(), "text_encoder", "intermediate_size", 48);
     let err = load_error(dir.path());
     assert!(
         err.contains("mlp.fc1.weight") && err.contains("48") && err.contains("64"),
@@ -199,11 +204,7 @@ fn wrong_shape_names_the_tensor_and_both_shapes() {
 #[test]
 fn text_encoder_width_must_match_unet_cross_attention() {
     let dir = temp_model();
-    let cfg_path = dir.path().join("unet").join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["cross_attention_dim"] = serde_json::json!(48);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    set_config_value(dir.path(), "unet", "cross_attention_dim", 48);
     let err = load_error(dir.path());
     assert!(
         err.contains("cross_attention_dim") && err.contains("48"),
