@@ -14,14 +14,15 @@
 #   the loader path: libcublas.so.13 and libcublasLt.so.13 are searched for and their folders put
 #   on LD_LIBRARY_PATH (SD21_CUBLAS_DIR names a folder to try first).
 # - Tests run with SD21_EXPECT_GPU=1 (a test that would skip fails instead) and
-#   SD21_REPO_ROOT=$PWD (fixtures), under `timeout` (SD21_GPU_TEST_TIMEOUT seconds, default 420).
+#   SD21_REPO_ROOT=$PWD (fixtures), under `timeout` (SD21_GPU_TEST_TIMEOUT seconds, default 300).
 # - Writes $OUT/gpu-check.json (OUT defaults to .gpu-bin/out) and the full log beside it; prints
 #   the report's path and a summary; exits non-zero when any test failed.
 # - `--no-gpu-probe` skips the GPU and cuBLAS checks and does not set SD21_EXPECT_GPU: only for
 #   testing this script's own logic on a machine without a GPU (the tests then skip, and the
 #   benchmarks run on the CPU at the smoke shapes and the tiny model).
 # - Benchmarks: $OUT/kernels.{txt,json}, $OUT/pipeline.{txt,json}, each under `timeout`
-#   (SD21_GPU_BENCH_TIMEOUT seconds each, default 150). A failed benchmark fails the check (exit 3).
+#   (SD21_GPU_BENCH_TIMEOUT seconds each, default 120; with the tests, at most 540 s: under the
+#   run tool's 600 s per command). A failed benchmark fails the check (exit 3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -164,7 +165,7 @@ fi
 # 4. The tests.
 export SD21_REPO_ROOT="$PWD" RUST_BACKTRACE=1
 echo "gpu-check: running $bin (log: $log)" >&2
-timeout "${SD21_GPU_TEST_TIMEOUT:-420}" "$bin" --nocapture --test-threads=4 >"$log" 2>&1
+timeout "${SD21_GPU_TEST_TIMEOUT:-300}" "$bin" --nocapture --test-threads=4 >"$log" 2>&1
 rc=$?
 
 # 5. The benchmarks, only on kernels that passed their tests.
@@ -197,7 +198,7 @@ if [ "$rc" = 0 ]; then
         else
             echo "gpu-check: no Python with torch + diffusers here: pipeline without the reference" >&2
         fi
-        bench_timeout="${SD21_GPU_BENCH_TIMEOUT:-150}"
+        bench_timeout="${SD21_GPU_BENCH_TIMEOUT:-120}"
         echo "gpu-check: sd21-bench kernels ${kernel_args[*]}" >&2
         timeout "$bench_timeout" "$bench" kernels "${kernel_args[@]}" --json "$out/kernels.json" \
             >"$out/kernels.txt" 2>&1 || bench_rc=3
@@ -223,7 +224,7 @@ elif [ "$rc" = 0 ]; then
     message="all CUDA tests passed; benchmarks ok"
 elif [ "$rc" = 124 ]; then
     status="failed"
-    message="the tests ran past ${SD21_GPU_TEST_TIMEOUT:-420} s and were stopped"
+    message="the tests ran past ${SD21_GPU_TEST_TIMEOUT:-300} s and were stopped"
 else
     status="failed"
     message="CUDA tests failed (exit $rc)"
