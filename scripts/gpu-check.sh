@@ -22,7 +22,9 @@
 #   benchmarks run on the CPU at the smoke shapes and the tiny model).
 # - Benchmarks: $OUT/kernels.{txt,json}, $OUT/pipeline.{txt,json}, each under `timeout`
 #   (SD21_GPU_BENCH_TIMEOUT seconds each, default 120; with the tests, at most 540 s: under the
-#   run tool's 600 s per command). A failed benchmark fails the check (exit 3).
+#   run tool's 600 s per command). A failed benchmark fails the check (exit 3). The diffusers
+#   reference uses SD21_TORCH_PYTHON, else /opt/torch/.venv/bin/python, else python3, whichever
+#   imports torch and diffusers; SD21_TORCH_PYTHON=none times sd21 alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -183,9 +185,11 @@ if [ "$rc" = 0 ]; then
             kernel_args=(--device cpu --shapes smoke --repeats 1)
             pipeline_args=(--device cpu --random tiny --steps 2 --repeats 1)
         fi
-        # diffusers on the same work, when this machine has it.
+        # diffusers on the same work, when this machine has it (SD21_TORCH_PYTHON=none: never).
         torch_python=""
-        for p in "${SD21_TORCH_PYTHON:-}" /opt/torch/.venv/bin/python python3; do
+        candidates=("${SD21_TORCH_PYTHON:-}" /opt/torch/.venv/bin/python python3)
+        [ "${SD21_TORCH_PYTHON:-}" = none ] && candidates=()
+        for p in "${candidates[@]}"; do
             if [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 &&
                 "$p" -c "import torch, diffusers" >/dev/null 2>&1; then
                 torch_python="$p"
