@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use common::tiny_model;
+use common::{decode_png, tiny_model};
 
 // ---------------------------------------------------------------------------------------------
 // A minimal HTTP/1.1 client.
@@ -274,22 +274,6 @@ fn slow_job() -> Value {
 
 // ---------------------------------------------------------------------------------------------
 // Images.
-
-fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    let mut reader = decoder.read_info().expect("a PNG");
-    let mut pixels = vec![0; reader.output_buffer_size().expect("size")];
-    let info = reader.next_frame(&mut pixels).expect("frame");
-    pixels.truncate(info.buffer_size());
-    let meta = reader.info();
-    let text = meta
-        .uncompressed_latin1_text
-        .iter()
-        .map(|t| t.text.clone())
-        .chain(meta.utf8_text.iter().map(|t| t.get_text().expect("utf8")))
-        .collect();
-    (info.width, info.height, pixels, text)
-}
 
 fn base64_png(value: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD

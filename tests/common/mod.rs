@@ -77,3 +77,20 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A PNG's width, height, pixels (as stored) and its text chunks joined.
+pub fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>, String) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut pixels).expect("frame");
+    pixels.truncate(info.buffer_size());
+    let meta = reader.info();
+    let text = meta
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| t.text.clone())
+        .chain(meta.utf8_text.iter().map(|t| t.get_text().expect("utf8")))
+        .collect();
+    (info.width, info.height, pixels, text)
+}
