@@ -6,8 +6,9 @@
 // Warp-collective operations (shuffles, ldmatrix, mma.sync) are rendezvous of the warp's 32
 // threads on a std::barrier: each lane posts its operands, the warp waits, each lane computes its
 // own part of the result from everybody's operands following the PTX ISA's fragment layouts,
-// the warp waits again. cp.async is a plain synchronous copy (so missing waits go unnoticed:
-// the emulator checks indexing and fragment layouts, not races).
+// the warp waits again. cp.async lands as late as the ISA allows (at the wait_group that retires
+// it), so a missing wait or an early buffer reuse shows as a wrong result; other races between
+// threads are not looked for.
 //
 // The non-tensor-core helpers below are copies of kernels/common.cuh; keep them in step.
 #pragma once
@@ -216,19 +217,39 @@ inline uint32_t pack2(__half lo, __half hi) { return lo.bits | (uint32_t(hi.bits
 inline __half lo_half(uint32_t r) { return __half{uint16_t(r & 0xFFFF)}; }
 inline __half hi_half(uint32_t r) { return __half{uint16_t(r >> 16)}; }
 
+// cp.async is deferred as far as the PTX ISA allows, so that a kernel which reads its shared
+// memory before `cp.async.wait_group` says the copy landed, or reuses a buffer whose copy is still
+// in flight, reads or keeps stale data and fails its check: the 16 source bytes are read at issue,
+// written to shared memory only when a wait_group retires their group (copies never committed
+// are never written, as nothing makes them visible).
+struct AsyncCopy {
+    unsigned char *dst;
+    unsigned char bytes[16];
+};
+inline thread_local std::vector<AsyncCopy> cp_async_open;
+inline thread_local std::vector<std::vector<AsyncCopy>> cp_async_groups;  // oldest first
+
 SD21_DEV void cp_async16(void *dst, const void *src, bool valid) {
     if (((uintptr_t)dst & 15) != 0 || (valid && ((uintptr_t)src & 15) != 0)) {
         std::fprintf(stderr, "cp.async: misaligned 16-byte copy\n");
         std::abort();
     }
-    if (valid)
-        std::memcpy(dst, src, 16);
-    else
-        std::memset(dst, 0, 16);
+    AsyncCopy c{static_cast<unsigned char *>(dst), {}};
+    if (valid) std::memcpy(c.bytes, src, 16);  // else zero-fill (src-size 0)
+    cp_async_open.push_back(c);
 }
-SD21_DEV void cp_async_commit() {}
+SD21_DEV void cp_async_commit() {
+    cp_async_groups.push_back(std::move(cp_async_open));
+    cp_async_open.clear();
+}
+// Retires every committed group but the newest N.
 template <int N>
-SD21_DEV void cp_async_wait() {}
+SD21_DEV void cp_async_wait() {
+    while (cp_async_groups.size() > size_t(N)) {
+        for (const AsyncCopy &c : cp_async_groups.front()) std::memcpy(c.dst, c.bytes, 16);
+        cp_async_groups.erase(cp_async_groups.begin());
+    }
+}
 
 // ldmatrix .x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l receives, in
 // register i, row l/4, columns 2(l%4) and 2(l%4)+1 of matrix i.
