@@ -4,7 +4,10 @@
 # scripts/install-nvcc.sh unless NVCC is set; SD21_REQUIRE_CUDA=1), then copies each test
 # executable, stripped, into the git-ignored folder .gpu-bin/ with a BUILD.txt saying what was
 # built from what, and the release sd21-bench beside them (gpu-check.sh runs its kernel and
-# pipeline benchmarks). Carry that folder with the run: `carry: [".gpu-bin"]`.
+# pipeline benchmarks), plus the wheels of diffusers (pure Python) in .gpu-bin/wheels/: the GPU
+# machines have PyTorch and transformers but not diffusers, and cannot download (gpu-check.sh unpacks
+# them when its Python lacks diffusers, so sd21 is timed side by side with diffusers there). Carry
+# that folder with the run: `carry: [".gpu-bin"]`.
 #
 # Usage: scripts/build-gpu-bin.sh [TEST_TARGET ...]   (default: cuda_ops)
 set -euo pipefail
@@ -32,6 +35,18 @@ cargo build --release --bin sd21-bench
 cp target/release/sd21-bench "$out/sd21-bench"
 strip "$out/sd21-bench"
 echo "build-gpu-bin: $out/sd21-bench ($(du -h "$out/sd21-bench" | cut -f1))" >&2
+
+# diffusers for the side-by-side reference (torch_reference.py pins it; importlib_metadata is its
+# one dependency those machines lack). Without network here the check times sd21 alone.
+wheels="$out/wheels"
+mkdir -p "$wheels"
+if ! ls "$wheels"/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
+    rm -f "$wheels"/*.whl
+    if ! python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" \
+        diffusers==0.42.1 importlib_metadata==8.7.0 >&2; then
+        echo "build-gpu-bin: WARNING: could not download the diffusers wheels; gpu-check.sh will time sd21 without the diffusers reference" >&2
+    fi
+fi
 
 for t in "${targets[@]}"; do
     # The compiler-artifact line of test target $t carries its executable's path.
@@ -65,6 +80,7 @@ done
     echo "nvcc: $("$NVCC" --version | grep release)"
     echo "archs: ${SD21_CUDA_ARCHS:-80,86,89,90 (default)}"
     echo "targets: ${targets[*]} + sd21-bench"
+    echo "wheels: $(cd "$wheels" && ls ./*.whl 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')"
 } >"$out/BUILD.txt"
 
 total=$(du -sm "$out" | cut -f1)

@@ -24,7 +24,9 @@
 #   (SD21_GPU_BENCH_TIMEOUT seconds each, default 120; with the tests, at most 540 s: under the
 #   run tool's 600 s per command). A failed benchmark fails the check (exit 3). The diffusers
 #   reference uses SD21_TORCH_PYTHON, else /opt/torch/.venv/bin/python, else python3, whichever
-#   imports torch and diffusers; SD21_TORCH_PYTHON=none times sd21 alone.
+#   imports torch and diffusers (else the first that imports torch, with the diffusers wheels that
+#   build-gpu-bin.sh put in .gpu-bin/wheels unpacked onto PYTHONPATH); SD21_TORCH_PYTHON=none
+#   times sd21 alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -196,6 +198,25 @@ if [ "$rc" = 0 ]; then
                 break
             fi
         done
+        # No diffusers there (the usual case: PyTorch is installed, diffusers is not, nothing can
+        # be downloaded): unpack the carried wheels (pure Python) onto PYTHONPATH and try again.
+        if [ -z "$torch_python" ] && ls .gpu-bin/wheels/*.whl >/dev/null 2>&1; then
+            pylib="$(mktemp -d)"
+            for p in "${candidates[@]}"; do
+                if [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 && "$p" -c "import torch" >/dev/null 2>&1; then
+                    for w in .gpu-bin/wheels/*.whl; do "$p" -m zipfile -e "$w" "$pylib"; done
+                    if PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}" "$p" -c "import torch, diffusers" >/dev/null 2>&1; then
+                        export PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}"
+                        torch_python="$p"
+                        echo "gpu-check: diffusers from the carried wheels ($(ls .gpu-bin/wheels | tr '\n' ' '))" >&2
+                    else
+                        echo "gpu-check: the carried diffusers wheels do not import with $p:" >&2
+                        PYTHONPATH="$pylib" "$p" -c "import diffusers" 2>&1 | tail -n 3 >&2
+                    fi
+                    break
+                fi
+            done
+        fi
         if [ -n "$torch_python" ]; then
             pipeline_args+=(--compare-torch --python "$torch_python")
             echo "gpu-check: diffusers reference with $torch_python" >&2
