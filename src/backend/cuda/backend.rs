@@ -2,10 +2,11 @@
 //! allocation, and the `Backend` impl that hands each op to its family's wrapper.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
+use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::f16;
 
@@ -88,6 +89,10 @@ pub struct CudaBackend {
     pub(super) ctx: Arc<CudaContext>,
     pub(super) stream: Arc<CudaStream>,
     pub(super) blas: CudaBlas,
+    /// cuBLASLt for linear layers with a bias (the bias epilogue); `None` when it did not start.
+    pub(super) blas_lt: Option<CudaBlasLT>,
+    /// How many linear layers fell back from the bias epilogue to GemmEx + the bias kernel.
+    bias_epilogue_fallbacks: AtomicUsize,
     pub(super) kernels: Kernels,
     debug_checks: AtomicBool,
     description: String,
@@ -141,6 +146,7 @@ impl CudaBackend {
         }
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| Error::Backend(format!("creating the cuBLAS handle: {e}")))?;
+        let blas_lt = start_blas_lt(&stream);
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
         let description =
@@ -149,6 +155,8 @@ impl CudaBackend {
             ctx,
             stream,
             blas,
+            blas_lt,
+            bias_epilogue_fallbacks: AtomicUsize::new(0),
             kernels,
             debug_checks: AtomicBool::new(false),
             description,
@@ -160,6 +168,35 @@ impl CudaBackend {
     /// launch, so an asynchronous fault is reported with the name of the kernel that caused it.
     pub fn set_debug_checks(&self, on: bool) {
         self.debug_checks.store(on, Ordering::Relaxed);
+    }
+
+    /// `x · weightᵀ + bias` through cuBLASLt's bias epilogue only (no fallback): an error where
+    /// cuBLASLt did not start or has no algorithm for the shape. `linear` uses this path when it
+    /// can; tests call it to prove the fused path itself works at the model's shapes.
+    pub fn linear_bias_epilogue(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        linear::linear_bias_epilogue(self, x, weight, bias)?.map_err(Error::Backend)
+    }
+
+    /// How many linear layers so far ran GemmEx + the bias kernel because the cuBLASLt bias
+    /// epilogue was unavailable for their shape.
+    pub fn bias_epilogue_fallbacks(&self) -> usize {
+        self.bias_epilogue_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Counts a fallback from the bias epilogue; the first one is logged with its reason.
+    pub(super) fn note_bias_epilogue_fallback(&self, why: &str) {
+        if self.bias_epilogue_fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "{}: cuBLASLt bias epilogue unavailable ({why}); using GemmEx + the bias kernel \
+                 where it is",
+                self.description
+            );
+        }
     }
 
     pub(super) fn debug_checks(&self) -> bool {
@@ -197,6 +234,35 @@ impl CudaBackend {
                 .map_err(|e| Error::Backend(format!("kernel {kernel} failed: {e}")))?;
         }
         Ok(())
+    }
+}
+
+/// cuBLASLt on `stream`, or `None` (logged) when its library is missing or it fails to start:
+/// linear layers then use GemmEx and the bias kernel. cudarc's constructor unwraps the allocation
+/// of its workspace (32 MiB on Hopper), so a panic there is caught and treated the same way.
+fn start_blas_lt(stream: &Arc<CudaStream>) -> Option<CudaBlasLT> {
+    // SAFETY: only tries to dlopen cuBLASLt by its usual names.
+    if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+        tracing::warn!(
+            "libcublasLt.so.13 not found: linear layers add their bias in a separate pass"
+        );
+        return None;
+    }
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        CudaBlasLT::new(stream.clone())
+    }));
+    match started {
+        Ok(Ok(lt)) => Some(lt),
+        Ok(Err(e)) => {
+            tracing::warn!("cuBLASLt did not start ({e}): linear layers add their bias separately");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "cuBLASLt's workspace could not be allocated: linear layers add their bias separately"
+            );
+            None
+        }
     }
 }
 

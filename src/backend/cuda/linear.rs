@@ -1,4 +1,6 @@
-//! `linear` through cuBLAS: one `cublasGemmEx` (f16 in and out, f32 compute) then the bias kernel.
+//! `linear` through cuBLAS. With a bias: one `cublasLtMatmul` whose epilogue adds the bias (f16 in
+//! and out, f32 compute), so the output is written once; where cuBLASLt has no algorithm for a
+//! shape, or no bias is given, one `cublasGemmEx` (then the bias kernel).
 //!
 //! Row-major trick: cuBLAS is column-major, and a row-major `[R, C]` matrix read column-major is
 //! its transpose `[C, R]`. We want `out [M, N] = x [M, K] · Wᵀ` with `W [N, K]`; column-major that
@@ -7,6 +9,7 @@
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::cublaslt::{Matmul, MatmulConfig};
 use half::f16;
 
 use super::backend::{CudaBackend, CudaTensor};
@@ -14,24 +17,31 @@ use super::elementwise::bias_add_inplace;
 use super::kernels::{driver_error, to_i32};
 use crate::{Error, Result};
 
-/// `x [.., K] · weightᵀ [K, N] + bias [N]` → `[.., N]`; `weight` is `[N, K]`.
-pub(super) fn linear(
-    be: &CudaBackend,
+/// The shapes of one linear layer: `x [M, K]` (rows flattened), `weight [N, K]`, `out [.., N]`.
+struct LinearShape {
+    m: usize,
+    k: usize,
+    n: usize,
+    out_shape: Vec<usize>,
+}
+
+/// Checks `x [.., K]`, `weight [N, K]` and `bias [N]` against each other.
+fn linear_shape(
+    op: &'static str,
     x: &CudaTensor,
     weight: &CudaTensor,
     bias: Option<&CudaTensor>,
-) -> Result<CudaTensor> {
-    const OP: &str = "linear";
-    let (m, k) = x.rows_and_last(OP, "x")?;
+) -> Result<LinearShape> {
+    let (m, k) = x.rows_and_last(op, "x")?;
     let [n, wk] = weight.shape[..] else {
         return Err(Error::shape(
-            OP,
+            op,
             format!("weight must be [N, K], got {:?}", weight.shape),
         ));
     };
     if wk != k {
         return Err(Error::shape(
-            OP,
+            op,
             format!(
                 "x {:?} has K = {k} but weight {:?} has K = {wk}",
                 x.shape, weight.shape
@@ -39,23 +49,48 @@ pub(super) fn linear(
         ));
     }
     if let Some(b) = bias {
-        b.expect_shape(OP, "bias", &[n])?;
+        b.expect_shape(op, "bias", &[n])?;
     }
-    let mut shape = x.shape.clone();
-    *shape.last_mut().expect("checked non-empty") = n;
-    let total = m
-        .checked_mul(n)
-        .ok_or_else(|| Error::InvalidArgument(format!("{OP}: output {shape:?} is too large")))?;
-    let mut out = be.alloc_f16(OP, total)?;
-    if total == 0 {
-        return Ok(CudaTensor::new(shape, out));
+    let mut out_shape = x.shape.clone();
+    if let Some(last) = out_shape.last_mut() {
+        *last = n;
     }
-    if k == 0 {
+    m.checked_mul(n).ok_or_else(|| {
+        Error::InvalidArgument(format!("{op}: output {out_shape:?} is too large"))
+    })?;
+    Ok(LinearShape { m, k, n, out_shape })
+}
+
+/// `x [.., K] · weightᵀ [K, N] + bias [N]` → `[.., N]`; `weight` is `[N, K]`. With a bias, the
+/// cuBLASLt bias epilogue when it has an algorithm for the shape (see [`linear_bias_epilogue`]),
+/// else GemmEx and the bias kernel; the first fallback is logged.
+pub(super) fn linear(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    weight: &CudaTensor,
+    bias: Option<&CudaTensor>,
+) -> Result<CudaTensor> {
+    const OP: &str = "linear";
+    let shape = linear_shape(OP, x, weight, bias)?;
+    if let Some(b) = bias {
+        if shape.k > 0 && shape.m * shape.n > 0 {
+            match linear_bias_epilogue(be, x, weight, b)? {
+                Ok(out) => return Ok(out),
+                Err(why) => be.note_bias_epilogue_fallback(&why),
+            }
+        }
+    }
+    let mut out = be.alloc_f16(OP, shape.m * shape.n)?;
+    if shape.m * shape.n == 0 {
+        return Ok(CudaTensor::new(shape.out_shape, out));
+    }
+    if shape.k == 0 {
         // An empty sum: zeros (plus the bias below).
         be.stream
             .memset_zeros(&mut out)
             .map_err(driver_error("zeroing a linear output"))?;
     } else {
+        let (m, k, n) = (shape.m, shape.k, shape.n);
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
             transb: cublasOperation_t::CUBLAS_OP_N,
@@ -90,5 +125,73 @@ pub(super) fn linear(
     if let Some(b) = bias {
         bias_add_inplace(be, &mut out, b)?;
     }
-    Ok(CudaTensor::new(shape, out))
+    Ok(CudaTensor::new(shape.out_shape, out))
+}
+
+/// `x · weightᵀ + bias` in one `cublasLtMatmul` with the `CUBLASLT_EPILOGUE_BIAS` epilogue (the
+/// bias is one value per row of the column-major C = outᵀ, i.e. per output feature). `Ok(Err(why))`
+/// when cuBLASLt is missing, refuses the shape or has no algorithm for it (the caller falls back);
+/// `Err` on mismatched shapes, allocation or (debug mode) launch failures.
+pub(super) fn linear_bias_epilogue(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    weight: &CudaTensor,
+    bias: &CudaTensor,
+) -> Result<std::result::Result<CudaTensor, String>> {
+    const OP: &str = "linear (cuBLASLt bias epilogue)";
+    let shape = linear_shape(OP, x, weight, Some(bias))?;
+    let Some(lt) = be.blas_lt.as_ref() else {
+        return Ok(Err("cuBLASLt is not loaded".into()));
+    };
+    let (m, k, n) = (shape.m, shape.k, shape.n);
+    if m * n * k == 0 {
+        return Ok(Err(format!(
+            "empty product {:?} · {:?}ᵀ",
+            x.shape, weight.shape
+        )));
+    }
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: k as i64,
+        ldb: k as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    let mut out = be.alloc_f16(OP, m * n)?;
+    be.ctx
+        .bind_to_thread()
+        .map_err(driver_error("binding the context"))?;
+    // SAFETY: the same column-major view as GemmEx in `linear` (module comment): A = weight
+    // [K, N] with lda = K, transposed; B = x [K, M] with ldb = K; C = D = out [N, M] with
+    // ldc = N, every buffer holding exactly that many f16; the bias holds N f16, one per row of
+    // C. beta = 0, so C's uninitialised contents are never read. All on the handle's stream.
+    let launched = unsafe {
+        lt.matmul(
+            cfg,
+            weight.data.as_ref(),
+            x.data.as_ref(),
+            &mut out,
+            Some(bias.data.as_ref()),
+            None,
+        )
+    };
+    if let Err(e) = launched {
+        return Ok(Err(format!(
+            "cublasLtMatmul for {:?} · {:?}ᵀ + bias: {e}",
+            x.shape, weight.shape
+        )));
+    }
+    be.after_launch("cublasLtMatmul")?;
+    Ok(Ok(CudaTensor::new(shape.out_shape, out)))
 }

@@ -1,5 +1,6 @@
 //! The CUDA backend: f16 storage, f32 accumulation, hand-written kernels from `kernels/` (embedded
-//! as fatbins by `build.rs`) plus cuBLAS for the linear layers, all on one stream.
+//! as fatbins by `build.rs`) plus cuBLASLt/cuBLAS for the linear layers (bias in the epilogue),
+//! all on one stream.
 //!
 //! Two forms, chosen at build time:
 //! - with kernels (`cfg(sd21_kernels)`, set by `build.rs` when nvcc and libclang were found):

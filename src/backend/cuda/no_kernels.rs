@@ -42,6 +42,21 @@ impl CudaBackend {
     pub fn set_debug_checks(&self, _on: bool) {
         match self.never {}
     }
+
+    /// See the real backend: a linear layer through cuBLASLt's bias epilogue only.
+    pub fn linear_bias_epilogue(
+        &self,
+        _: &CudaTensor,
+        _: &CudaTensor,
+        _: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        match self.never {}
+    }
+
+    /// See the real backend: linear layers that fell back from the bias epilogue.
+    pub fn bias_epilogue_fallbacks(&self) -> usize {
+        match self.never {}
+    }
 }
 
 impl Backend for CudaBackend {
