@@ -16,6 +16,11 @@
 //   of 16 bytes at an 80-byte stride, which touches all 32 banks once.
 //   Epilogue from registers: + bias[n] + residual[m, n], rounded to f16, half2 stores when C_out
 //   is even.
+//   Split-K (p.splits > 1, for the low-resolution layers, whose M × N tiles are too few to fill
+//   the chip: 8×8×1280 at batch 2 is 10 blocks): blockIdx.z takes k-tiles
+//   [z·k_tiles_per_split, (z+1)·k_tiles_per_split) and writes its f32 sums to
+//   partial[z, m, n]; conv2d_splitk_reduce then adds the splits in order (deterministic), the
+//   bias and the residual, and writes f16.
 //
 // conv2d_direct — the simple fallback for any shape: one thread per output element (consecutive
 //   threads = consecutive output channels), a plain loop over the kernel window in f32.
@@ -35,7 +40,7 @@ constexpr int CV_STAGE_HALVES = (CV_BM + CV_BN) * CV_STRIDE;
 extern "C" __global__ void __launch_bounds__(CV_THREADS)
     conv2d_implicit_gemm(const __half *__restrict__ x, const __half *__restrict__ w,
                          const __half *__restrict__ bias, const __half *__restrict__ residual,
-                         __half *__restrict__ y, const ConvParams p) {
+                         __half *__restrict__ y, float *__restrict__ partial, const ConvParams p) {
     extern __shared__ __align__(16) __half cv_smem[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -102,10 +107,13 @@ extern "C" __global__ void __launch_bounds__(CV_THREADS)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 
-    const int KT = (K + CV_BK - 1) / CV_BK;
+    // This block's k-tiles: all of them, or (split-K) its slice.
+    const int kt_all = (K + CV_BK - 1) / CV_BK;
+    const int kt0 = p.splits > 1 ? blockIdx.z * p.k_tiles_per_split : 0;
+    const int KT = p.splits > 1 ? min(kt_all - kt0, p.k_tiles_per_split) : kt_all;
 #pragma unroll
     for (int s = 0; s < CV_STAGES - 1; ++s) {
-        if (s < KT) load_stage(s, s);
+        if (s < KT) load_stage(s, kt0 + s);
         cp_async_commit();
     }
 
@@ -113,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(CV_THREADS)
         cp_async_wait<CV_STAGES - 2>();  // tile kt has landed (for this thread)
         __syncthreads();                 // ... for every thread; tile kt − 1 is consumed
         const int next = kt + CV_STAGES - 1;
-        if (next < KT) load_stage(next % CV_STAGES, next);
+        if (next < KT) load_stage(next % CV_STAGES, kt0 + next);
         cp_async_commit();
 
         const __half *As = cv_smem + (kt % CV_STAGES) * CV_STAGE_HALVES;
@@ -143,6 +151,30 @@ extern "C" __global__ void __launch_bounds__(CV_THREADS)
 
     // Epilogue: rows g and g + 8 of each m16 tile, columns 2t, 2t + 1 of each n8 tile.
     const bool pairs = (N & 1) == 0;
+    if (p.splits > 1) {  // f32 partial sums of this split; bias and residual come in the reduce
+        float *part = partial + (long long)blockIdx.z * M * N;
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const long long m = m0 + warp_m * 32 + mi * 16 + g + hh * 8;
+                if (m >= M) continue;
+#pragma unroll
+                for (int ni = 0; ni < 8; ++ni) {
+                    const int n = n0 + warp_n * 64 + ni * 8 + 2 * t;
+                    if (n >= N) continue;
+                    const long long o = m * N + n;
+                    if (pairs) {  // o even: 8-byte aligned
+                        *reinterpret_cast<float2 *>(part + o) =
+                            make_float2(acc[mi][ni][2 * hh], acc[mi][ni][2 * hh + 1]);
+                    } else {
+                        part[o] = acc[mi][ni][2 * hh];
+                        if (n + 1 < N) part[o + 1] = acc[mi][ni][2 * hh + 1];
+                    }
+                }
+            }
+        return;
+    }
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -180,6 +212,23 @@ extern "C" __global__ void __launch_bounds__(CV_THREADS)
                 }
             }
         }
+}
+
+// Split-K: y[i] = Σ_z partial[z, i] (z in order) + bias + residual, one thread per element,
+// grid-stride over M·N.
+extern "C" __global__ void conv2d_splitk_reduce(const float *__restrict__ partial,
+                                                const __half *__restrict__ bias,
+                                                const __half *__restrict__ residual,
+                                                __half *__restrict__ y, const ConvParams p) {
+    const long long total = (long long)p.batch * p.out_h * p.out_w * p.out_c;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int z = 0; z < p.splits; ++z) acc += partial[z * total + i];
+        if (p.has_bias) acc += __half2float(bias[i % p.out_c]);
+        if (p.has_residual) acc += __half2float(residual[i]);
+        y[i] = __float2half_rn(acc);
+    }
 }
 
 // Fallback: one thread per output element, grid-stride.

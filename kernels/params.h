@@ -25,6 +25,11 @@ typedef struct ConvParams {
     int pad;
     int has_bias;     /* bias [out_c] is read only when non-zero */
     int has_residual; /* residual [batch, out_h, out_w, out_c] is added when non-zero */
+    /* conv2d_implicit_gemm split-K: `splits` blocks along gridDim.z each sum `k_tiles_per_split`
+     * k-tiles of 32; with splits > 1 each writes f32 partial sums [splits, M, out_c] and
+     * conv2d_splitk_reduce adds them up with the bias and residual. splits = 1: no partials. */
+    int splits;
+    int k_tiles_per_split;
 } ConvParams;
 
 /* Multi-head attention: q [batch, q_len, heads*head_dim], k and v [batch, kv_len, heads*head_dim],

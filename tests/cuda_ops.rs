@@ -294,6 +294,26 @@ fn conv3x3_sd_shape_matches_cpu() {
     );
 }
 
+/// The low-resolution UNet convs, whose few output tiles make the implicit GEMM split K over the
+/// grid's z axis and reduce (16 and 7 splits on a 132-multiprocessor card), with the residual.
+#[test]
+fn conv3x3_split_k_sd_shapes_match_cpu() {
+    let g = gpu_or_skip!();
+    let mut rng = Rng::new(41);
+    for side in [8, 16] {
+        let x = rng.tensor(&[2, side, side, 1280], 1.0);
+        let w = rng.tensor(&[1280, 3, 3, 1280], 1.0 / (9.0f32 * 1280.0).sqrt());
+        let b = rng.tensor(&[1280], 0.5);
+        let r = rng.tensor(&[2, side, side, 1280], 1.0);
+        compare!(
+            format!("conv3x3 split-K [2,{side},{side},1280]→1280 +residual"),
+            g,
+            [x = x, w = w, b = b, r = r],
+            |be| { be.conv2d(&x, &w, Some(&b), 1, 1, Some(&r)) }
+        );
+    }
+}
+
 #[test]
 fn conv_awkward_shapes_match_cpu() {
     let g = gpu_or_skip!();

@@ -119,23 +119,35 @@ void attention_case(Rng &rng, int b, int nq, int nk, int heads, int d, bool caus
 
 // ---------------------------------------------------------------- convolution
 
+// `splits` > 1: the implicit GEMM splits K over gridDim.z (as src/backend/cuda/conv.rs does for
+// small M × N), then conv2d_splitk_reduce adds the f32 partials.
 void conv_case(Rng &rng, int b, int h, int w, int c_in, int c_out, int k, int stride, int pad,
-               bool bias, bool residual) {
+               bool bias, bool residual, int splits = 1) {
     const int oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1;
     auto x = rand_half(rng, (size_t)b * h * w * c_in, 1.0f);
     auto wt = rand_half(rng, (size_t)c_out * k * k * c_in, 1.0f / std::sqrt((float)(k * k * c_in)));
     auto bs = rand_half(rng, c_out, 0.5f);
     auto res = rand_half(rng, (size_t)b * oh * ow * c_out, 1.0f);
     auto out = poisoned(res.size());
-    ConvParams p{b, h, w, c_in, oh, ow, c_out, k, k, stride, pad, bias, residual};
+    const int k_tiles = (k * k * c_in + 31) / 32;
+    const int per_split = (k_tiles + splits - 1) / splits;
+    splits = (k_tiles + per_split - 1) / per_split;  // no empty split
+    ConvParams p{b, h, w, c_in, oh, ow, c_out, k, k, stride, pad, bias, residual, splits, per_split};
     std::string name;
     if (c_in % 8 == 0) {
-        name = "conv2d_implicit_gemm";
+        name = splits > 1 ? "conv2d_implicit_gemm split-K " + std::to_string(splits) + " +reduce"
+                          : "conv2d_implicit_gemm";
         const long long m = (long long)b * oh * ow;
-        emu::launch({(unsigned)((m + 127) / 128), (unsigned)((c_out + 127) / 128), 1}, {256, 1, 1},
-                    3 * 256 * 40 * 2, [&] {
-                        conv2d_implicit_gemm(x.data(), wt.data(), bs.data(), res.data(), out.data(), p);
+        std::vector<float> partial(splits > 1 ? (size_t)splits * m * c_out : 0, NAN);
+        emu::launch({(unsigned)((m + 127) / 128), (unsigned)((c_out + 127) / 128), (unsigned)splits},
+                    {256, 1, 1}, 3 * 256 * 40 * 2, [&] {
+                        conv2d_implicit_gemm(x.data(), wt.data(), bs.data(), res.data(), out.data(),
+                                             partial.data(), p);
                     });
+        if (splits > 1)
+            emu::launch({7, 1, 1}, {256, 1, 1}, 0, [&] {
+                conv2d_splitk_reduce(partial.data(), bs.data(), res.data(), out.data(), p);
+            });
     } else {
         name = "conv2d_direct";
         emu::launch({(unsigned)((out.size() + 255) / 256), 1, 1}, {256, 1, 1}, 0, [&] {
@@ -377,6 +389,12 @@ int main() {
     conv_case(rng, 1, 12, 11, 40, 3, 3, 1, 1, true, false);
     conv_case(rng, 1, 6, 5, 4, 10, 3, 1, 1, true, false);
     conv_case(rng, 1, 5, 5, 12, 7, 3, 1, 1, true, true);
+    // Split-K: 3 and 4 splits of 3×3 convs (K = 576 and 1152 = 18 and 36 k-tiles, the last split
+    // shorter), an odd C_out, and a 1×1 with 2 splits of 5 tiles.
+    conv_case(rng, 2, 4, 4, 64, 72, 3, 1, 1, true, true, 3);
+    conv_case(rng, 1, 3, 5, 128, 131, 3, 1, 1, true, true, 5);
+    conv_case(rng, 1, 6, 6, 64, 40, 3, 2, 1, false, true, 4);
+    conv_case(rng, 1, 4, 4, 320, 24, 1, 1, 0, true, false, 2);
     // Norms.
     group_norm_case(rng, 2, 63, 64, 32, true, 0.0f);
     group_norm_case(rng, 1, 9, 30, 3, true, 0.0f);

@@ -114,6 +114,7 @@ struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
 
 inline __half __float2half_rn(float f) {
     _Float16 h = (_Float16)f;

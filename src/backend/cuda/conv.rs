@@ -1,5 +1,6 @@
-//! Wrapper of `kernels/conv.cu`: implicit GEMM on tensor cores when `C_in % 8 == 0`, the direct
-//! kernel otherwise (SD 2.1's conv_in with 4 latent channels, odd test shapes).
+//! Wrapper of `kernels/conv.cu`: implicit GEMM on tensor cores when `C_in % 8 == 0` (split over K
+//! when its output tiles are too few to fill the chip, then a reduce), the direct kernel otherwise
+//! (SD 2.1's conv_in with 4 latent channels, odd test shapes).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -11,7 +12,27 @@ use crate::{Error, Result};
 /// Tile sizes and shared memory of `conv2d_implicit_gemm` (see the kernel's header).
 const TILE_M: usize = 128;
 const TILE_N: usize = 128;
+const TILE_K: usize = 32;
 const IGEMM_SMEM: usize = 3 * (128 + 128) * 40 * 2;
+
+/// Split-K for the implicit GEMM: `(splits, k_tiles_per_split)` for a grid of `blocks` output
+/// tiles with `k_tiles` k-tiles of 32 on a device with `sm_count` multiprocessors. A grid with at
+/// least one tile per multiprocessor is not split; a smaller one is split until it has about two
+/// blocks per multiprocessor (the kernel's occupancy), each split keeping at least 8 k-tiles (a
+/// deep enough pipeline) and at most 16 splits (the f32 partials stay small). E.g. SD 2.1's 8×8
+/// convs at batch 2 (M = 128, N = 1280, K = 11 520: 10 tiles, 360 k-tiles) on 132
+/// multiprocessors: 16 splits of 23 k-tiles.
+fn split_k(blocks: usize, k_tiles: usize, sm_count: usize) -> (usize, usize) {
+    if blocks == 0 || blocks >= sm_count || k_tiles < 16 {
+        return (1, k_tiles);
+    }
+    let splits = (2 * sm_count)
+        .div_ceil(blocks)
+        .min(k_tiles / 8)
+        .clamp(1, 16);
+    let per_split = k_tiles.div_ceil(splits);
+    (k_tiles.div_ceil(per_split), per_split)
+}
 
 /// NHWC conv: `x [B, H, W, C_in]`, `weight [C_out, kH, kW, C_in]`, `bias [C_out]`, symmetric
 /// zero padding, `residual` (output-shaped) added in the epilogue.
@@ -89,10 +110,13 @@ pub(super) fn conv2d(
         pad: to_i32(OP, "padding", padding)?,
         has_bias: bias.is_some() as i32,
         has_residual: residual.is_some() as i32,
+        splits: 1,
+        k_tiles_per_split: 0,
     };
-    to_i32(OP, "kH·kW·C_in", kh * kw * c_in)?;
+    let k = kh * kw * c_in;
+    to_i32(OP, "kH·kW·C_in", k)?;
 
-    let (kernel, cfg) = if c_in.is_multiple_of(8) {
+    if c_in.is_multiple_of(8) {
         let grid_m = m.div_ceil(TILE_M);
         let grid_n = c_out.div_ceil(TILE_N);
         if grid_m > i32::MAX as usize || grid_n > 65535 {
@@ -100,45 +124,113 @@ pub(super) fn conv2d(
                 "{OP}: output {shape:?} exceeds the grid limits"
             )));
         }
-        (
-            "conv2d_implicit_gemm",
-            LaunchConfig {
-                grid_dim: (grid_m as u32, grid_n as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: IGEMM_SMEM as u32,
-            },
-        )
-    } else {
-        (
-            "conv2d_direct",
-            LaunchConfig {
+        let k_tiles = k.div_ceil(TILE_K);
+        let (splits, per_split) = split_k(grid_m * grid_n, k_tiles, be.kernels.sm_count);
+        let p = ConvParams {
+            splits: splits as i32,
+            k_tiles_per_split: per_split as i32,
+            ..p
+        };
+        let partial_len = if splits > 1 { splits * n } else { 0 };
+        let mut partial = be.alloc_f32(OP, partial_len)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_m as u32, grid_n as u32, splits as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: IGEMM_SMEM as u32,
+        };
+        let kernel = "conv2d_implicit_gemm";
+        let f = be.kernels.get_with_smem(kernel, IGEMM_SMEM)?;
+        let mut launch = be.stream.launch_builder(f);
+        launch
+            .arg(x.data.as_ref())
+            .arg(weight.data.as_ref())
+            .arg(bias.unwrap_or(x).data.as_ref())
+            .arg(residual.unwrap_or(x).data.as_ref())
+            .arg(&mut out)
+            .arg(&mut partial)
+            .arg(&p);
+        // SAFETY: (const __half* x, const __half* w, const __half* bias, const __half* residual,
+        // __half* y, float* partial, ConvParams p): x holds B·H·W·C_in f16, w C_out·kH·kW·C_in,
+        // y and residual B·outH·outW·C_out, bias C_out (all checked above); input reads are
+        // bounds-checked against H×W (padding reads nothing), weight rows against C_out and K;
+        // bias/residual are read only when their flag is set (else x stands in, never read).
+        // C_in % 8 == 0 keeps every 16-byte chunk inside one tap; the kernel gets exactly the
+        // dynamic shared memory it indexes. With splits > 1, blockIdx.z < splits writes
+        // partial[z, m, n] (splits·M·C_out f32 allocated above) and never y; with splits = 1,
+        // partial (empty) is never touched.
+        unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
+        be.after_launch(kernel)?;
+        if splits > 1 {
+            let kernel = "conv2d_splitk_reduce";
+            let cfg = LaunchConfig {
                 grid_dim: (n.div_ceil(256).min(1 << 20) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
-            },
-        )
+            };
+            let mut launch = be.stream.launch_builder(be.kernels.get(kernel)?);
+            launch
+                .arg(&partial)
+                .arg(bias.unwrap_or(x).data.as_ref())
+                .arg(residual.unwrap_or(x).data.as_ref())
+                .arg(&mut out)
+                .arg(&p);
+            // SAFETY: (const float* partial, const __half* bias, const __half* residual,
+            // __half* y, ConvParams p): partial holds p.splits·M·C_out f32, all written by the
+            // launch above on the same stream; y and residual hold M·C_out f16, bias C_out,
+            // each read only when its flag is set; a grid-stride loop stays below M·C_out.
+            unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
+            be.after_launch(kernel)?;
+        }
+        return Ok(CudaTensor::new(shape, out));
+    }
+
+    // The direct kernel: anything else.
+    let kernel = "conv2d_direct";
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256).min(1 << 20) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     };
-    // Absent bias/residual: pass x (never read: has_bias / has_residual are 0).
-    let bias_arg = bias.unwrap_or(x);
-    let residual_arg = residual.unwrap_or(x);
-    let f = be
-        .kernels
-        .get_with_smem(kernel, cfg.shared_mem_bytes as usize)?;
-    let mut launch = be.stream.launch_builder(f);
+    let mut launch = be.stream.launch_builder(be.kernels.get(kernel)?);
     launch
         .arg(x.data.as_ref())
         .arg(weight.data.as_ref())
-        .arg(bias_arg.data.as_ref())
-        .arg(residual_arg.data.as_ref())
+        .arg(bias.unwrap_or(x).data.as_ref())
+        .arg(residual.unwrap_or(x).data.as_ref())
         .arg(&mut out)
         .arg(&p);
     // SAFETY: (const __half* x, const __half* w, const __half* bias, const __half* residual,
     // __half* y, ConvParams p): x holds B·H·W·C_in f16, w C_out·kH·kW·C_in, y and residual
     // B·outH·outW·C_out, bias C_out (all checked above); input reads are bounds-checked against
-    // H×W (padding reads nothing), weight rows against C_out and K; bias/residual are read only
-    // when their flag is set. The implicit-GEMM kernel needs C_in % 8 == 0 (16-byte chunks inside
-    // one tap) and gets exactly the dynamic shared memory it indexes.
+    // H×W (padding reads nothing); bias/residual are read only when their flag is set (else x
+    // stands in, never read); a grid-stride loop stays below B·outH·outW·C_out.
     unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
     be.after_launch(kernel)?;
     Ok(CudaTensor::new(shape, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_k;
+
+    #[test]
+    fn split_k_fills_small_grids_only() {
+        // SD 2.1 at 512², batch 2, on 132 multiprocessors (H100/H200 SXM).
+        assert_eq!(split_k(10, 360, 132), (16, 23)); // 8×8×1280 3×3: 10 tiles
+        assert_eq!(split_k(40, 360, 132), (7, 52)); // 16×16×1280 3×3: 40 tiles
+        assert_eq!(split_k(80, 180, 132), (4, 45)); // 32×32×640 3×3: 80 tiles
+        assert_eq!(split_k(40, 20, 132), (2, 10)); // 16×16 1×1 shortcut 640→1280
+        assert_eq!(split_k(192, 90, 132), (1, 90)); // 64×64×320: enough tiles already
+        assert_eq!(split_k(10, 15, 132), (1, 15)); // too little K to split
+        assert_eq!(split_k(1, 1000, 132), (16, 63)); // capped at 16 splits
+                                                     // Every split is non-empty and together they cover K exactly once.
+        for blocks in 1..140 {
+            for k_tiles in 1..400 {
+                let (splits, per) = split_k(blocks, k_tiles, 132);
+                assert!((1..=16).contains(&splits));
+                assert!(per * (splits - 1) < k_tiles && per * splits >= k_tiles);
+                assert!(splits == 1 || per >= 8);
+            }
+        }
+    }
 }

@@ -77,7 +77,14 @@ const KERNELS: &[(&str, &[&str])] = &[
             "attention_generic_16",
         ],
     ),
-    ("conv", &["conv2d_implicit_gemm", "conv2d_direct"]),
+    (
+        "conv",
+        &[
+            "conv2d_implicit_gemm",
+            "conv2d_splitk_reduce",
+            "conv2d_direct",
+        ],
+    ),
 ];
 
 /// The loaded kernel functions, by name.
@@ -86,6 +93,8 @@ pub(super) struct Kernels {
     functions: HashMap<&'static str, CudaFunction>,
     /// The most dynamic shared memory one block may opt in to on this device.
     max_smem_optin: usize,
+    /// The device's multiprocessor count (conv's split-K sizes its grid by it).
+    pub(super) sm_count: usize,
 }
 
 impl Kernels {
@@ -120,10 +129,15 @@ impl Kernels {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(driver_error("reading the shared-memory limit"))?
             .max(0) as usize;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_error("reading the multiprocessor count"))?
+            .max(1) as usize;
         Ok(Kernels {
             ctx: Arc::clone(ctx),
             functions,
             max_smem_optin,
+            sm_count,
         })
     }
 
