@@ -333,15 +333,22 @@ fn pipeline<B: Backend>(backend: B, opts: &PipelineOpts) -> Result<serde_json::V
             .collect(),
     )?;
     let latents = b.upload(&latents)?;
+    // A UNet step, and the host's share of it: how long `forward` takes to return (on CUDA it
+    // only enqueues work; when that is close to the whole step, the step is bound by the host's
+    // launch and allocation overhead, not by the GPU).
     let mut unet = Vec::new();
+    let mut unet_enqueue = Vec::new();
     for i in 0..=reps {
-        let (_, t) = timed(|| {
-            let out = pipe.unet().forward(b, &latents, 500.0, &context)?;
-            b.synchronize()?;
-            Ok(out)
-        })?;
+        let start = Instant::now();
+        let out = pipe.unet().forward(b, &latents, 500.0, &context)?;
+        let enqueued = start.elapsed().as_secs_f64();
+        b.synchronize()?;
+        let total = start.elapsed().as_secs_f64();
+        drop(out);
         if i > 0 || reps == 1 {
-            unet.push(t); // the first run warms up (unless only one was asked for)
+            // the first run warms up (unless only one was asked for)
+            unet.push(total);
+            unet_enqueue.push(enqueued);
         }
     }
     let z = HostTensor::new(
@@ -370,7 +377,8 @@ fn pipeline<B: Backend>(backend: B, opts: &PipelineOpts) -> Result<serde_json::V
     let result = json!({
         "device": device, "model": pipe.model_name(), "width": width, "height": height,
         "steps": opts.steps, "images": request.number_of_images, "load_s": load_s,
-        "text_encode_s": median(encode), "unet_step_s": median(unet), "vae_decode_s": median(vae),
+        "text_encode_s": median(encode), "unet_step_s": median(unet),
+        "unet_step_host_enqueue_s": median(unet_enqueue), "vae_decode_s": median(vae),
         "generation_s_per_image": per_image, "it_per_s": opts.steps as f64 / per_image,
     });
     println!(
@@ -381,6 +389,11 @@ fn pipeline<B: Backend>(backend: B, opts: &PipelineOpts) -> Result<serde_json::V
         per_image,
         opts.steps as f64 / per_image,
         opts.steps
+    );
+    println!(
+        "sd21   unet step: forward returned after {:.4} s of the {:.4} s step (host enqueue share)",
+        result["unet_step_host_enqueue_s"].as_f64().unwrap_or(f64::NAN),
+        result["unet_step_s"].as_f64().unwrap_or(f64::NAN),
     );
     Ok(result)
 }
