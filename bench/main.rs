@@ -392,7 +392,9 @@ fn pipeline<B: Backend>(backend: B, opts: &PipelineOpts) -> Result<serde_json::V
     );
     println!(
         "sd21   unet step: forward returned after {:.4} s of the {:.4} s step (host enqueue share)",
-        result["unet_step_host_enqueue_s"].as_f64().unwrap_or(f64::NAN),
+        result["unet_step_host_enqueue_s"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
         result["unet_step_s"].as_f64().unwrap_or(f64::NAN),
     );
     Ok(result)
