@@ -351,6 +351,24 @@ fn pipeline<B: Backend>(backend: B, opts: &PipelineOpts) -> Result<serde_json::V
             unet_enqueue.push(enqueued);
         }
     }
+    // The same step replayed as a CUDA graph (backends that can record; the first call runs op
+    // by op and the second records, so both stay out of the timing).
+    let mut unet_graph = Vec::new();
+    if b.set_recording(true) {
+        for _ in 0..2 {
+            pipe.unet().forward(b, &latents, 500.0, &context)?;
+        }
+        b.synchronize()?;
+        for _ in 0..reps {
+            let (_, t) = timed(|| {
+                let out = pipe.unet().forward(b, &latents, 500.0, &context)?;
+                b.synchronize()?;
+                Ok(out)
+            })?;
+            unet_graph.push(t);
+        }
+        b.set_recording(false);
+    }
     let z = HostTensor::new(
         vec![1, c, h, w],
         (0..h * w * c)
@@ -378,7 +396,9 @@ fn pipeline<B: Backend>(backend: B, opts: &PipelineOpts) -> Result<serde_json::V
         "device": device, "model": pipe.model_name(), "width": width, "height": height,
         "steps": opts.steps, "images": request.number_of_images, "load_s": load_s,
         "text_encode_s": median(encode), "unet_step_s": median(unet),
-        "unet_step_host_enqueue_s": median(unet_enqueue), "vae_decode_s": median(vae),
+        "unet_step_host_enqueue_s": median(unet_enqueue),
+        "unet_step_cuda_graph_s": (!unet_graph.is_empty()).then(|| median(unet_graph)),
+        "vae_decode_s": median(vae),
         "generation_s_per_image": per_image, "it_per_s": opts.steps as f64 / per_image,
     });
     println!(
@@ -397,6 +417,9 @@ fn pipeline<B: Backend>(backend: B, opts: &PipelineOpts) -> Result<serde_json::V
             .unwrap_or(f64::NAN),
         result["unet_step_s"].as_f64().unwrap_or(f64::NAN),
     );
+    if let Some(graph_s) = result["unet_step_cuda_graph_s"].as_f64() {
+        println!("sd21   unet step replayed as a CUDA graph: {graph_s:.4} s");
+    }
     Ok(result)
 }
 
@@ -472,16 +495,26 @@ fn print_comparison(ours: &serde_json::Value, torch: &serde_json::Value) {
         "{:<28} {:>12} {:>12} {:>10}",
         "", "sd21 s", "torch s", "sd21/torch"
     );
-    for (label, key) in [
-        ("text encode", "text_encode_s"),
-        ("unet step (cfg, batch 2)", "unet_step_s"),
-        ("vae decode", "vae_decode_s"),
-        ("generation per image", "generation_s_per_image"),
+    // (label, sd21's key, torch's key): the graph-replayed step against torch's eager step.
+    for (label, key, torch_key) in [
+        ("text encode", "text_encode_s", "text_encode_s"),
+        ("unet step (cfg, batch 2)", "unet_step_s", "unet_step_s"),
+        (
+            "unet step as a CUDA graph",
+            "unet_step_cuda_graph_s",
+            "unet_step_s",
+        ),
+        ("vae decode", "vae_decode_s", "vae_decode_s"),
+        (
+            "generation per image",
+            "generation_s_per_image",
+            "generation_s_per_image",
+        ),
     ] {
-        let (a, b) = (
-            ours[key].as_f64().unwrap_or(f64::NAN),
-            torch[key].as_f64().unwrap_or(f64::NAN),
-        );
-        println!("{label:<28} {a:>12.3} {b:>12.3} {:>9.2}×", a / b);
+        let Some(a) = ours[key].as_f64() else {
+            continue; // no CUDA graph on this backend
+        };
+        let b = torch[torch_key].as_f64().unwrap_or(f64::NAN);
+        println!("{label:<28} {a:>12.4} {b:>12.4} {:>9.2}×", a / b);
     }
 }

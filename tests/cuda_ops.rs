@@ -646,3 +646,105 @@ fn tiny_pipeline_cuda_matches_cpu() {
         );
     }
 }
+
+/// CUDA graphs (`Backend::run_recorded`, switched on with `set_recording`): the first UNet call
+/// per input shape runs op by op, the second records a graph and launches it, later ones replay
+/// it with new input values. Each must equal the op-by-op result for the same input (the last
+/// calls repeat earlier inputs, so a replay that kept stale inputs or outputs fails), the replays
+/// must really have happened, and a whole generation with graphs must match one without.
+#[test]
+fn unet_cuda_graph_replays_match_op_by_op() {
+    if gpu().is_none() {
+        skip();
+        return;
+    }
+    let dir = repo_root().join("tests/fixtures/tiny-sd21");
+    let files = ModelFiles::locate(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    // Not in debug mode: graphs are never recorded in debug mode (it synchronises per launch).
+    let cuda = CudaBackend::new(0).expect("a CUDA backend for graphs");
+    let pipe = Pipeline::load(&files, cuda).expect("load the tiny model on CUDA");
+    let b = pipe.backend();
+    let context = pipe
+        .encode_prompts(
+            "a photograph of an astronaut riding a horse",
+            "blurry",
+            true,
+        )
+        .expect("encode");
+    let c = pipe.unet().config().in_channels;
+    let mut rng = Rng::new(51);
+    let samples: Vec<_> = (0..3)
+        .map(|_| b.upload(&rng.tensor(&[2, 7, 9, c], 1.0)).unwrap())
+        .collect();
+    let timesteps = [901.0, 500.0, 21.0];
+    let op_by_op: Vec<HostTensor> = samples
+        .iter()
+        .zip(timesteps)
+        .map(|(s, t)| {
+            let out = pipe.unet().forward(b, s, t, &context).expect("unet");
+            b.download(&out).expect("download")
+        })
+        .collect();
+
+    let request = GenerationRequest {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        negative_prompt: "blurry, low quality".into(),
+        width: 72,
+        height: 56,
+        steps: 5,
+        cfg_scale: 7.5,
+        seed: 7,
+        scheduler: SchedulerKind::Ddim,
+        number_of_images: 1,
+    };
+    let image_op_by_op = pipe.generate(&request, &mut |_| true).expect("generate")[0]
+        .image
+        .clone();
+
+    assert!(b.set_recording(true), "the CUDA backend records graphs");
+    for (i, k) in [0usize, 1, 2, 0, 1].into_iter().enumerate() {
+        let out = pipe
+            .unet()
+            .forward(b, &samples[k], timesteps[k], &context)
+            .expect("unet with graphs");
+        check(
+            &format!("unet call {i} with graphs (input {k}) vs op by op"),
+            &b.download(&out).expect("download"),
+            &op_by_op[k],
+        );
+    }
+    assert_eq!(
+        b.graph_replays(),
+        4,
+        "call 0 runs op by op, call 1 records and launches, calls 2–4 replay"
+    );
+
+    let image_graphs = pipe.generate(&request, &mut |_| true).expect("generate")[0]
+        .image
+        .clone();
+    let mean = image_graphs
+        .pixels
+        .iter()
+        .zip(&image_op_by_op.pixels)
+        .map(|(&a, &b)| (a as f64 - b as f64).abs())
+        .sum::<f64>()
+        / image_graphs.pixels.len() as f64;
+    let max = image_graphs
+        .pixels
+        .iter()
+        .zip(&image_op_by_op.pixels)
+        .map(|(&a, &b)| a.abs_diff(b))
+        .max()
+        .unwrap_or(0);
+    println!(
+        "check tiny pipeline with graphs vs op by op: mean |diff| = {mean:.3}/255, max = {max}/255"
+    );
+    assert!(
+        mean <= 0.5,
+        "a generation with CUDA graphs differs from op by op by {mean:.3}/255 on average"
+    );
+    assert!(
+        b.graph_replays() >= 4 + request.steps - 1,
+        "the generation's UNet steps replayed the graph"
+    );
+}

@@ -14,6 +14,9 @@ pub use device::Device;
 use crate::tensor::HostTensor;
 use crate::Result;
 
+/// The function [`Backend::run_recorded`] runs (and may record): tensors in, one tensor out.
+pub type RecordedFn<'a, T> = dyn Fn(&[T]) -> Result<T> + 'a;
+
 /// A device that runs the op set. `model/` only ever talks to this trait.
 pub trait Backend: Send + Sync {
     /// A tensor living on this backend's device. Cloning is cheap (shared storage).
@@ -120,5 +123,28 @@ pub trait Backend: Send + Sync {
     /// benchmarks call it before reading the clock.
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// `f(inputs)`. A backend may record the ops `f` issues for one `key` and one set of input
+    /// shapes and replay that recording on later calls with new input values (the CUDA backend's
+    /// CUDA graphs, when switched on), so `f` must be a pure function of its inputs' values and
+    /// of tensors that outlive the backend's recordings (the weights), issuing only device ops:
+    /// no upload, download or synchronisation. The default just calls `f`.
+    fn run_recorded(
+        &self,
+        key: &str,
+        inputs: &[&Self::Tensor],
+        f: &RecordedFn<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let _ = key;
+        let inputs: Vec<Self::Tensor> = inputs.iter().map(|&t| t.clone()).collect();
+        f(&inputs)
+    }
+
+    /// Switches the recording of [`Backend::run_recorded`] on or off; false when this backend
+    /// never records (the default).
+    fn set_recording(&self, on: bool) -> bool {
+        let _ = on;
+        false
     }
 }

@@ -214,7 +214,28 @@ impl<B: Backend> Unet<B> {
             self.config.freq_shift,
         );
         let t_proj = HostTensor::new(vec![batch, c0], t_proj.repeat(batch))?;
-        let temb = self.linear_1.forward(b, &b.upload(&t_proj)?)?; // [B, 4·C0]
+        let t_proj = b.upload(&t_proj)?; // [B, C0]
+                                         // Everything below is device ops only, so the CUDA backend can record it once as a graph
+                                         // and replay it every step (`Backend::run_recorded`).
+        let key = format!("unet@{:p}", self);
+        b.run_recorded(&key, &[sample, &t_proj, context], &|inputs| {
+            let [sample, t_proj, context] = inputs else {
+                return Err(Error::shape("unet", "expected 3 recorded inputs"));
+            };
+            self.forward_on_device(b, sample, t_proj, context)
+        })
+    }
+
+    /// The body of [`Unet::forward`] after the timestep's sinusoidal projection
+    /// `t_proj [B, C0]` is on the device.
+    fn forward_on_device(
+        &self,
+        b: &B,
+        sample: &B::Tensor,
+        t_proj: &B::Tensor,
+        context: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let temb = self.linear_1.forward(b, t_proj)?; // [B, 4·C0]
         let temb = self.linear_2.forward(b, &b.silu(&temb)?)?; // [B, 4·C0]
         let temb = b.silu(&temb)?; // [B, 4·C0], every resnet applies SiLU to it first
 

@@ -3,16 +3,17 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::f16;
 
+use super::graphs::{self, GraphCache};
 use super::kernels::{driver_error, Kernels};
 use super::{attention, conv, elementwise, linear, norm};
-use crate::backend::Backend;
+use crate::backend::{Backend, RecordedFn};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
@@ -95,6 +96,10 @@ pub struct CudaBackend {
     bias_epilogue_fallbacks: AtomicUsize,
     pub(super) kernels: Kernels,
     debug_checks: AtomicBool,
+    /// CUDA graphs for `run_recorded` (off unless asked for: SD21_CUDA_GRAPHS=1 or
+    /// `set_recording`).
+    recording: AtomicBool,
+    pub(super) graph_cache: Mutex<GraphCache>,
     description: String,
 }
 
@@ -159,6 +164,8 @@ impl CudaBackend {
             bias_epilogue_fallbacks: AtomicUsize::new(0),
             kernels,
             debug_checks: AtomicBool::new(false),
+            recording: AtomicBool::new(graphs_from_env()),
+            graph_cache: Mutex::new(GraphCache::default()),
             description,
         })
     }
@@ -199,6 +206,18 @@ impl CudaBackend {
         }
     }
 
+    pub(super) fn recording(&self) -> bool {
+        self.recording.load(Ordering::Relaxed)
+    }
+
+    /// How many times a recorded CUDA graph was launched (tests check that replays happened).
+    pub fn graph_replays(&self) -> usize {
+        self.graph_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replays
+    }
+
     pub(super) fn debug_checks(&self) -> bool {
         self.debug_checks.load(Ordering::Relaxed)
     }
@@ -235,6 +254,17 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// SD21_CUDA_GRAPHS=1 (or true/on/yes) switches CUDA graphs on for the UNet (off by default until
+/// they have been measured on a GPU).
+fn graphs_from_env() -> bool {
+    std::env::var("SD21_CUDA_GRAPHS").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "on" | "yes"
+        )
+    })
 }
 
 /// cuBLASLt on `stream`, or `None` (logged) when its library is missing or it fails to start:
@@ -443,5 +473,20 @@ impl Backend for CudaBackend {
         self.stream
             .synchronize()
             .map_err(driver_error("synchronising the stream"))
+    }
+
+    /// CUDA graphs when switched on (see `graphs.rs`); never in debug mode.
+    fn run_recorded(
+        &self,
+        key: &str,
+        inputs: &[&CudaTensor],
+        f: &RecordedFn<'_, CudaTensor>,
+    ) -> Result<CudaTensor> {
+        graphs::run_recorded(self, key, inputs, f)
+    }
+
+    fn set_recording(&self, on: bool) -> bool {
+        self.recording.store(on, Ordering::Relaxed);
+        true
     }
 }

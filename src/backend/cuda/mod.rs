@@ -7,7 +7,7 @@
 //!   `backend.rs` (the [`CudaBackend`] and its `Backend` impl), `kernels.rs` (the embedded modules,
 //!   the bindgen structs of `kernels/params.h`, the launch helpers), and one file per op family
 //!   holding the typed wrapper of each kernel: `elementwise.rs`, `norm.rs`, `attention.rs`,
-//!   `conv.rs`, `linear.rs`;
+//!   `conv.rs`, `linear.rs`; `graphs.rs` records and replays CUDA graphs (`run_recorded`);
 //! - without (`no_kernels.rs`): the same public API, but [`CudaBackend::new`] always returns an
 //!   error that says why the kernels are missing and [`cuda_available`] is false.
 //!
@@ -22,6 +22,8 @@ mod backend;
 mod conv;
 #[cfg(sd21_kernels)]
 mod elementwise;
+#[cfg(sd21_kernels)]
+mod graphs;
 #[cfg(sd21_kernels)]
 mod kernels;
 #[cfg(sd21_kernels)]

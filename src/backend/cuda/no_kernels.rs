@@ -53,6 +53,11 @@ impl CudaBackend {
         match self.never {}
     }
 
+    /// See the real backend: launches of recorded CUDA graphs.
+    pub fn graph_replays(&self) -> usize {
+        match self.never {}
+    }
+
     /// See the real backend: linear layers that fell back from the bias epilogue.
     pub fn bias_epilogue_fallbacks(&self) -> usize {
         match self.never {}
