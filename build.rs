@@ -5,7 +5,9 @@
 //!   `PATH`. `scripts/install-nvcc.sh` installs the pinned CUDA 13.0 compiler and prints its path.
 //! - Each `.cu` becomes one fatbin holding SASS for every architecture of `SD21_CUDA_ARCHS`
 //!   (default `80,86,89,90`) plus PTX of the newest one, so later GPUs can JIT it. `90a` style
-//!   entries get SASS only (their PTX runs on that exact chip alone).
+//!   entries get SASS only (their PTX runs on that exact chip alone). A `*_sm90a.cu` file (Hopper's
+//!   wgmma) is built for `sm_90a` alone, whatever `SD21_CUDA_ARCHS` says; the backend loads it
+//!   only on compute capability 9.0.
 //! - Found: the fatbins and the bindings land in `OUT_DIR`, `cargo:rustc-cfg=sd21_kernels` is set
 //!   and `OUT_DIR/kernels.rs` lists the embedded modules. bindgen needs libclang, which is looked
 //!   for only here, so a machine without nvcc needs no libclang either.
@@ -75,6 +77,7 @@ fn main() {
         .map(|s| s.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
 
+    let hopper_only = vec!["-gencode=arch=compute_90a,code=sm_90a".to_string()];
     let mut listing = String::new();
     let mut usage = String::new();
     let started = Instant::now();
@@ -93,7 +96,11 @@ fn main() {
             .arg(format!("--threads={jobs}"))
             .arg("-I")
             .arg(KERNEL_DIR)
-            .args(&archs.gencode)
+            .args(if stem.ends_with("_sm90a") {
+                &hopper_only
+            } else {
+                &archs.gencode
+            })
             .args(&extra)
             .arg("-o")
             .arg(&fatbin)

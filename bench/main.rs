@@ -110,8 +110,17 @@ fn main() -> Result<()> {
             repeats,
             json,
         } => match device {
-            DeviceArg::Cpu => kernels(&CpuBackend::new(), 4, shapes, repeats, json),
-            DeviceArg::Cuda => kernels(&CudaBackend::new(0)?, 2, shapes, repeats, json),
+            DeviceArg::Cpu => kernels(&CpuBackend::new(), 4, shapes, repeats, json, None),
+            DeviceArg::Cuda => {
+                let backend = CudaBackend::new(0)?;
+                // On Hopper the convolutions run the wgmma kernel; time the portable one too.
+                let portable_conv = |on: bool| backend.set_hopper_conv(!on);
+                let alternative = backend.hopper_conv_active().then_some(Alternative {
+                    label: "mma.sync",
+                    switch: &portable_conv,
+                });
+                kernels(&backend, 2, shapes, repeats, json, alternative)
+            }
         },
         BenchCommand::Pipeline {
             device,
@@ -189,12 +198,20 @@ fn measure_ceilings<B: Backend>(backend: &B, elem: usize) -> Result<Ceilings> {
     })
 }
 
+/// A second kernel the implicit-GEMM convolutions can run on (the portable mma.sync kernel on a
+/// Hopper GPU, whose default is wgmma): its label and the switch that selects it.
+struct Alternative<'a> {
+    label: &'static str,
+    switch: &'a dyn Fn(bool),
+}
+
 fn kernels<B: Backend>(
     backend: &B,
     elem: usize,
     shapes: ShapeSet,
     repeats: usize,
     json_path: Option<PathBuf>,
+    alternative: Option<Alternative<'_>>,
 ) -> Result<()> {
     println!("device: {}", backend.describe());
     let ceilings = measure_ceilings(backend, elem)?;
@@ -219,8 +236,29 @@ fn kernels<B: Backend>(
         "op", "time ms", "GFLOP", "MB", "TFLOP/s", "GB/s", "% ceil"
     );
     let mut rows = Vec::new();
+    let mut runs: Vec<(String, &ops::OpCase, Option<&Alternative>)> = Vec::new();
     for case in &cases {
-        let t = time_case(backend, &case.op, repeats, 3).with_context(|| case.name.clone())?;
+        runs.push((case.name.clone(), &case.op, None));
+        if let (Some(alt), ops::OpCase::Conv { cin, .. }) = (&alternative, &case.op) {
+            if cin % 8 == 0 {
+                runs.push((
+                    format!("{} [{}]", case.name, alt.label),
+                    &case.op,
+                    Some(alt),
+                ));
+            }
+        }
+    }
+    for (name, op, alt) in runs {
+        if let Some(alt) = alt {
+            (alt.switch)(true);
+        }
+        let timed = time_case(backend, op, repeats, 3).with_context(|| name.clone());
+        if let Some(alt) = alt {
+            (alt.switch)(false);
+        }
+        let t = timed?;
+        let case = Case { name, op: *op };
         let (flops, bytes) = (case.op.flops(), case.op.bytes(elem));
         let compute_s = flops / (ceilings.tflops * 1e12);
         let memory_s = bytes / (ceilings.bandwidth_gbs * 1e9);

@@ -317,6 +317,44 @@ fn conv3x3_split_k_sd_shapes_match_cpu() {
 #[test]
 fn conv_awkward_shapes_match_cpu() {
     let g = gpu_or_skip!();
+    println!(
+        "conv kernel: {}",
+        if g.hopper_conv_active() {
+            "wgmma (sm_90a)"
+        } else {
+            "mma.sync"
+        }
+    );
+    conv_awkward_shapes(g);
+}
+
+/// On a Hopper GPU the shared backend runs the wgmma convolution: here the portable mma.sync
+/// kernel runs the same cases on its own backend. Also checks that the wgmma kernel passed its
+/// start-up check on compute capability 9.0 (else the backend silently runs the slower kernel).
+#[test]
+fn conv_portable_kernel_on_hopper_and_wgmma_active() {
+    let g = gpu_or_skip!();
+    if g.compute_capability() != (9, 0) {
+        println!(
+            "compute capability {:?}: no wgmma kernel; the portable one ran in \
+             conv_awkward_shapes_match_cpu",
+            g.compute_capability()
+        );
+        return;
+    }
+    assert!(
+        g.hopper_conv_active(),
+        "compute capability 9.0 but the wgmma convolution is not active: it failed to load or \
+         its start-up check (see the warning in the log)"
+    );
+    let portable = CudaBackend::new(0).expect("a second CUDA backend");
+    portable.set_debug_checks(true);
+    portable.set_hopper_conv(false);
+    assert!(!portable.hopper_conv_active());
+    conv_awkward_shapes(&portable);
+}
+
+fn conv_awkward_shapes(g: &CudaBackend) {
     let mut rng = Rng::new(5);
     // (x shape, C_out, k, stride, pad, bias, residual)
     type ConvCase = ([usize; 4], usize, usize, usize, usize, bool, bool);

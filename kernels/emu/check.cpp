@@ -6,6 +6,7 @@
 
 #include "attention.cu"
 #include "conv.cu"
+#include "conv_sm90a.cu"
 #include "elementwise.cu"
 #include "norm.cu"
 
@@ -121,29 +122,38 @@ void attention_case(Rng &rng, int b, int nq, int nk, int heads, int d, bool caus
 
 // `splits` > 1: the implicit GEMM splits K over gridDim.z (as src/backend/cuda/conv.rs does for
 // small M × N), then conv2d_splitk_reduce adds the f32 partials.
+// `hopper`: conv2d_implicit_gemm_sm90 (wgmma, k-tiles of 64) instead of conv2d_implicit_gemm.
 void conv_case(Rng &rng, int b, int h, int w, int c_in, int c_out, int k, int stride, int pad,
-               bool bias, bool residual, int splits = 1) {
+               bool bias, bool residual, int splits = 1, bool hopper = false) {
     const int oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1;
     auto x = rand_half(rng, (size_t)b * h * w * c_in, 1.0f);
     auto wt = rand_half(rng, (size_t)c_out * k * k * c_in, 1.0f / std::sqrt((float)(k * k * c_in)));
     auto bs = rand_half(rng, c_out, 0.5f);
     auto res = rand_half(rng, (size_t)b * oh * ow * c_out, 1.0f);
     auto out = poisoned(res.size());
-    const int k_tiles = (k * k * c_in + 31) / 32;
+    const int tile_k = hopper ? 64 : 32;
+    const int k_tiles = (k * k * c_in + tile_k - 1) / tile_k;
     const int per_split = (k_tiles + splits - 1) / splits;
     splits = (k_tiles + per_split - 1) / per_split;  // no empty split
     ConvParams p{b, h, w, c_in, oh, ow, c_out, k, k, stride, pad, bias, residual, splits, per_split};
     std::string name;
     if (c_in % 8 == 0) {
-        name = splits > 1 ? "conv2d_implicit_gemm split-K " + std::to_string(splits) + " +reduce"
-                          : "conv2d_implicit_gemm";
+        name = hopper ? "conv2d_implicit_gemm_sm90" : "conv2d_implicit_gemm";
+        if (splits > 1) name += " split-K " + std::to_string(splits) + " +reduce";
         const long long m = (long long)b * oh * ow;
         std::vector<float> partial(splits > 1 ? (size_t)splits * m * c_out : 0, NAN);
-        emu::launch({(unsigned)((m + 127) / 128), (unsigned)((c_out + 127) / 128), (unsigned)splits},
-                    {256, 1, 1}, 3 * 256 * 40 * 2, [&] {
-                        conv2d_implicit_gemm(x.data(), wt.data(), bs.data(), res.data(), out.data(),
-                                             partial.data(), p);
-                    });
+        const dim3 grid{(unsigned)((m + 127) / 128), (unsigned)((c_out + 127) / 128),
+                        (unsigned)splits};
+        if (hopper)
+            emu::launch(grid, {256, 1, 1}, 4 * 2 * 128 * 64 * 2, [&] {
+                conv2d_implicit_gemm_sm90(x.data(), wt.data(), bs.data(), res.data(), out.data(),
+                                          partial.data(), p);
+            });
+        else
+            emu::launch(grid, {256, 1, 1}, 3 * 256 * 40 * 2, [&] {
+                conv2d_implicit_gemm(x.data(), wt.data(), bs.data(), res.data(), out.data(),
+                                     partial.data(), p);
+            });
         if (splits > 1)
             emu::launch({7, 1, 1}, {256, 1, 1}, 0, [&] {
                 conv2d_splitk_reduce(partial.data(), bs.data(), res.data(), out.data(), p);
@@ -395,6 +405,15 @@ int main() {
     conv_case(rng, 1, 3, 5, 128, 131, 3, 1, 1, true, true, 5);
     conv_case(rng, 1, 6, 6, 64, 40, 3, 2, 1, false, true, 4);
     conv_case(rng, 1, 4, 4, 320, 24, 1, 1, 0, true, false, 2);
+    // The Hopper (wgmma) kernel: the same awkward shapes (m and n edges, stride 2, a k tail of
+    // 16 or 48 channels inside the last 64-wide k-tile, odd C_out, residual) and split-K.
+    conv_case(rng, 1, 17, 15, 64, 72, 3, 2, 1, true, false, 1, true);
+    conv_case(rng, 2, 9, 7, 16, 24, 3, 1, 1, false, true, 1, true);
+    conv_case(rng, 1, 8, 8, 64, 136, 1, 1, 0, true, true, 1, true);
+    conv_case(rng, 1, 12, 11, 40, 3, 3, 1, 1, true, false, 1, true);
+    conv_case(rng, 1, 12, 12, 48, 131, 3, 1, 1, true, true, 1, true);
+    conv_case(rng, 2, 4, 4, 64, 72, 3, 1, 1, true, true, 3, true);
+    conv_case(rng, 1, 4, 4, 320, 24, 1, 1, 0, true, false, 2, true);
     // Norms.
     group_norm_case(rng, 2, 63, 64, 32, true, 0.0f);
     group_norm_case(rng, 1, 9, 30, 3, true, 0.0f);

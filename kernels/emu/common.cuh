@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -230,6 +231,13 @@ struct AsyncCopy {
 inline thread_local std::vector<AsyncCopy> cp_async_open;
 inline thread_local std::vector<std::vector<AsyncCopy>> cp_async_groups;  // oldest first
 
+// SD21_EMU_CP_ASYNC=early lands every copy at issue instead (the other extreme the ISA allows):
+// then a stage refilled while a deferred wgmma (emu/wgmma.cuh) still has to read it shows up.
+inline const bool cp_async_early = [] {
+    const char *v = std::getenv("SD21_EMU_CP_ASYNC");
+    return v != nullptr && std::strcmp(v, "early") == 0;
+}();
+
 SD21_DEV void cp_async16(void *dst, const void *src, bool valid) {
     if (((uintptr_t)dst & 15) != 0 || (valid && ((uintptr_t)src & 15) != 0)) {
         std::fprintf(stderr, "cp.async: misaligned 16-byte copy\n");
@@ -237,7 +245,10 @@ SD21_DEV void cp_async16(void *dst, const void *src, bool valid) {
     }
     AsyncCopy c{static_cast<unsigned char *>(dst), {}};
     if (valid) std::memcpy(c.bytes, src, 16);  // else zero-fill (src-size 0)
-    cp_async_open.push_back(c);
+    if (cp_async_early)
+        std::memcpy(c.dst, c.bytes, 16);
+    else
+        cp_async_open.push_back(c);
 }
 SD21_DEV void cp_async_commit() {
     cp_async_groups.push_back(std::move(cp_async_open));

@@ -11,7 +11,7 @@ kernels="$(dirname "$here")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-cp "$here/common.cuh" "$here/check.cpp" "$work/"
+cp "$here/common.cuh" "$here/wgmma.cuh" "$here/check.cpp" "$work/"
 for f in "$kernels"/*.cu; do
     # Shared memory → function statics (blocks run one at a time); dynamic shared memory → the
     # emulator's per-launch buffer.
@@ -22,4 +22,9 @@ for f in "$kernels"/*.cu; do
 done
 g++ -std=c++20 -O2 -pthread -Wno-unknown-pragmas -I "$kernels" -I "$work" \
     -o "$work/check" "$work/check.cpp"
+# Twice: cp.async landing as late as the ISA allows (a missing wait reads stale data), then as
+# early (a stage refilled while a deferred wgmma still reads it is overwritten).
+echo "== cp.async lands at its wait_group =="
 stdbuf -oL "$work/check"
+echo "== cp.async lands at issue =="
+SD21_EMU_CP_ASYNC=early stdbuf -oL "$work/check"

@@ -100,6 +100,9 @@ pub struct CudaBackend {
     /// `set_recording`).
     recording: AtomicBool,
     pub(super) graph_cache: Mutex<GraphCache>,
+    capability: (i32, i32),
+    /// Convolutions use `conv2d_implicit_gemm_sm90` (see `hopper_conv_active`).
+    hopper_conv: AtomicBool,
     description: String,
 }
 
@@ -140,7 +143,7 @@ impl CudaBackend {
         if ctx.has_async_alloc() {
             keep_freed_memory(&ctx)?;
         }
-        let kernels = Kernels::load(&ctx)?;
+        let kernels = Kernels::load(&ctx, (major, minor))?;
         // SAFETY: only tries to dlopen cuBLAS by its usual names.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(Error::Backend(
@@ -156,7 +159,7 @@ impl CudaBackend {
         let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
         let description =
             format!("cuda:{ordinal} {name} (sm_{major}{minor}, {mem:.0} GiB, f16 storage)");
-        Ok(CudaBackend {
+        let mut backend = CudaBackend {
             ctx,
             stream,
             blas,
@@ -166,8 +169,43 @@ impl CudaBackend {
             debug_checks: AtomicBool::new(false),
             recording: AtomicBool::new(graphs_from_env()),
             graph_cache: Mutex::new(GraphCache::default()),
+            capability: (major, minor),
+            hopper_conv: AtomicBool::new(false),
             description,
-        })
+        };
+        // The wgmma convolution (sm_90a) only after it matched the portable kernel here.
+        if backend.kernels.has(conv::HOPPER_KERNEL) {
+            match conv::hopper_self_check(&backend) {
+                Ok(()) => {
+                    backend.hopper_conv.store(true, Ordering::Relaxed);
+                    backend.description.push_str(", wgmma convolution");
+                }
+                Err(e) => tracing::warn!(
+                    "{}: the wgmma convolution failed its start-up check ({e}); using the \
+                     mma.sync kernel",
+                    backend.description
+                ),
+            }
+        }
+        Ok(backend)
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.capability
+    }
+
+    /// Whether convolutions run the Hopper (wgmma) kernel: on compute capability 9.0, once it
+    /// has matched the portable kernel at start-up.
+    pub fn hopper_conv_active(&self) -> bool {
+        self.hopper_conv.load(Ordering::Relaxed)
+    }
+
+    /// Switches the Hopper convolution off, or on where its kernel is loaded (even if it failed
+    /// its start-up check); tests use it to run either kernel on a Hopper GPU.
+    pub fn set_hopper_conv(&self, on: bool) {
+        let available = self.kernels.has(conv::HOPPER_KERNEL);
+        self.hopper_conv.store(on && available, Ordering::Relaxed);
     }
 
     /// Debug mode (tests): every fresh output is filled with NaN before its kernel runs, so an

@@ -1,19 +1,43 @@
-//! Wrapper of `kernels/conv.cu`: implicit GEMM on tensor cores when `C_in % 8 == 0` (split over K
-//! when its output tiles are too few to fill the chip, then a reduce), the direct kernel otherwise
-//! (SD 2.1's conv_in with 4 latent channels, odd test shapes).
+//! Wrapper of `kernels/conv.cu` and `kernels/conv_sm90a.cu`: implicit GEMM on tensor cores when
+//! `C_in % 8 == 0` (wgmma on Hopper once it passed its start-up check, mma.sync elsewhere; split
+//! over K when its output tiles are too few to fill the chip, then a reduce), the direct kernel
+//! otherwise (SD 2.1's conv_in with 4 latent channels, odd test shapes).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::params::ConvParams;
 use super::kernels::{launch_error, to_i32};
+use crate::backend::Backend;
+use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
 /// Tile sizes and shared memory of `conv2d_implicit_gemm` (see the kernel's header).
 const TILE_M: usize = 128;
 const TILE_N: usize = 128;
-const TILE_K: usize = 32;
-const IGEMM_SMEM: usize = 3 * (128 + 128) * 40 * 2;
+/// The portable implicit GEMM (mma.sync): k-tiles of 32, 3 stages of 128 × 40 halves per operand.
+const IGEMM: ImplicitGemm = ImplicitGemm {
+    name: "conv2d_implicit_gemm",
+    tile_k: 32,
+    smem: 3 * (128 + 128) * 40 * 2,
+};
+
+/// The Hopper kernel's name (loaded on compute capability 9.0 only).
+pub(super) const HOPPER_KERNEL: &str = "conv2d_implicit_gemm_sm90";
+
+/// The Hopper implicit GEMM (wgmma): k-tiles of 64, 4 stages of two 128 × 64 f16 tiles.
+const IGEMM_SM90: ImplicitGemm = ImplicitGemm {
+    name: HOPPER_KERNEL,
+    tile_k: 64,
+    smem: 4 * 2 * 128 * 64 * 2,
+};
+
+/// One implicit-GEMM kernel: both take the same arguments and 128 × 128 output tiles.
+struct ImplicitGemm {
+    name: &'static str,
+    tile_k: usize,
+    smem: usize,
+}
 
 /// Split-K for the implicit GEMM: `(splits, k_tiles_per_split)` for a grid of `blocks` output
 /// tiles with `k_tiles` k-tiles of 32 on a device with `sm_count` multiprocessors. A grid with at
@@ -38,6 +62,26 @@ fn split_k(blocks: usize, k_tiles: usize, sm_count: usize) -> (usize, usize) {
 /// zero padding, `residual` (output-shaped) added in the epilogue.
 pub(super) fn conv2d(
     be: &CudaBackend,
+    x: &CudaTensor,
+    weight: &CudaTensor,
+    bias: Option<&CudaTensor>,
+    stride: usize,
+    padding: usize,
+    residual: Option<&CudaTensor>,
+) -> Result<CudaTensor> {
+    let igemm = if be.hopper_conv_active() {
+        &IGEMM_SM90
+    } else {
+        &IGEMM
+    };
+    conv2d_with(be, igemm, x, weight, bias, stride, padding, residual)
+}
+
+/// [`conv2d`] with the implicit-GEMM kernel `igemm` (when `C_in % 8 == 0`).
+#[allow(clippy::too_many_arguments)]
+fn conv2d_with(
+    be: &CudaBackend,
+    igemm: &ImplicitGemm,
     x: &CudaTensor,
     weight: &CudaTensor,
     bias: Option<&CudaTensor>,
@@ -124,7 +168,7 @@ pub(super) fn conv2d(
                 "{OP}: output {shape:?} exceeds the grid limits"
             )));
         }
-        let k_tiles = k.div_ceil(TILE_K);
+        let k_tiles = k.div_ceil(igemm.tile_k);
         let (splits, per_split) = split_k(grid_m * grid_n, k_tiles, be.kernels.sm_count);
         let p = ConvParams {
             splits: splits as i32,
@@ -136,10 +180,10 @@ pub(super) fn conv2d(
         let cfg = LaunchConfig {
             grid_dim: (grid_m as u32, grid_n as u32, splits as u32),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: IGEMM_SMEM as u32,
+            shared_mem_bytes: igemm.smem as u32,
         };
-        let kernel = "conv2d_implicit_gemm";
-        let f = be.kernels.get_with_smem(kernel, IGEMM_SMEM)?;
+        let kernel = igemm.name;
+        let f = be.kernels.get_with_smem(kernel, igemm.smem)?;
         let mut launch = be.stream.launch_builder(f);
         launch
             .arg(x.data.as_ref())
@@ -207,6 +251,55 @@ pub(super) fn conv2d(
     unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
     be.after_launch(kernel)?;
     Ok(CudaTensor::new(shape, out))
+}
+
+/// Runs the wgmma kernel and the portable one on the same random inputs (a plain conv with bias
+/// and residual, and one split over K) and errors unless they agree (relative L2 ≤ 1e-2, all
+/// finite): the CUDA backend uses the wgmma kernel only after this passed on its device.
+pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<()> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = |shape: &[usize], scale: f32| -> Result<CudaTensor> {
+        let n = shape.iter().product();
+        let data = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        be.upload(&HostTensor::new(shape.to_vec(), data)?)
+    };
+    // (x, C_out): 2 × 9 × 7 × 64 → 72 (m and n edges); 1 × 4 × 4 × 512 → 64 (split over K).
+    for (x_shape, c_out) in [([2, 9, 7, 64], 72), ([1, 4, 4, 512], 64)] {
+        let c_in = x_shape[3];
+        let x = random(&x_shape, 1.0)?;
+        let w = random(&[c_out, 3, 3, c_in], 1.0 / (9.0 * c_in as f32).sqrt())?;
+        let b = random(&[c_out], 0.5)?;
+        let r = random(&[x_shape[0], x_shape[1], x_shape[2], c_out], 1.0)?;
+        let run = |igemm: &ImplicitGemm| -> Result<Vec<f32>> {
+            let y = conv2d_with(be, igemm, &x, &w, Some(&b), 1, 1, Some(&r))?;
+            Ok(be.download(&y)?.data)
+        };
+        let (want, got) = (run(&IGEMM)?, run(&IGEMM_SM90)?);
+        let (mut err2, mut ref2) = (0.0f64, 0.0f64);
+        for (&g, &w) in got.iter().zip(&want) {
+            if !g.is_finite() {
+                return Err(Error::Backend(format!(
+                    "non-finite output for x {x_shape:?} → {c_out}"
+                )));
+            }
+            err2 += ((g - w) as f64).powi(2);
+            ref2 += (w as f64).powi(2);
+        }
+        let rel = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
+        if rel > 1e-2 {
+            return Err(Error::Backend(format!(
+                "relative L2 error {rel:.3e} against the portable kernel for x {x_shape:?} → {c_out}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

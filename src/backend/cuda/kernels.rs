@@ -88,6 +88,11 @@ const KERNELS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Kernels built for one exact architecture, loaded only on a device of that compute capability
+/// (and skipped with a warning if loading fails): (module, capability, kernels).
+const ARCH_KERNELS: &[(&str, (i32, i32), &[&str])] =
+    &[("conv_sm90a", (9, 0), &["conv2d_implicit_gemm_sm90"])];
+
 /// The loaded kernel functions, by name.
 pub(super) struct Kernels {
     ctx: Arc<CudaContext>,
@@ -103,31 +108,26 @@ pub(super) struct Kernels {
 }
 
 impl Kernels {
-    /// Loads every embedded module into `ctx` and looks up every kernel of [`KERNELS`].
-    pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+    /// Loads every embedded module into `ctx` and looks up every kernel of [`KERNELS`], plus those
+    /// of [`ARCH_KERNELS`] built for this device's compute `capability`.
+    pub(super) fn load(ctx: &Arc<CudaContext>, capability: (i32, i32)) -> Result<Kernels> {
         let mut functions = HashMap::new();
         for &(module_name, names) in KERNELS {
-            let image = embedded::MODULES
-                .iter()
-                .find(|(stem, _)| *stem == module_name)
-                .map(|(_, bytes)| *bytes)
-                .ok_or_else(|| {
-                    Error::Backend(format!("kernel module {module_name} is not embedded"))
-                })?;
-            let module = ctx
-                .load_module(Ptx::from_binary(image.to_vec()))
-                .map_err(|e| {
-                    Error::Backend(format!(
-                        "loading kernel module {module_name} ({} bytes; built for {}): {e}",
-                        image.len(),
-                        embedded::ARCHS
-                    ))
-                })?;
-            for &name in names {
-                let f = module.load_function(name).map_err(|e| {
-                    Error::Backend(format!("kernel {name} missing from {module_name}: {e}"))
-                })?;
+            for (name, f) in load_module(ctx, module_name, names)? {
                 functions.insert(name, (f, AtomicUsize::new(0)));
+            }
+        }
+        for &(module_name, cap, names) in ARCH_KERNELS {
+            if cap != capability {
+                continue;
+            }
+            match load_module(ctx, module_name, names) {
+                Ok(loaded) => {
+                    for (name, f) in loaded {
+                        functions.insert(name, (f, AtomicUsize::new(0)));
+                    }
+                }
+                Err(e) => tracing::warn!("{e}; using the portable kernels instead"),
             }
         }
         let max_smem_optin = ctx
@@ -145,6 +145,11 @@ impl Kernels {
             max_smem_optin,
             sm_count,
         })
+    }
+
+    /// Whether kernel `name` was loaded (those of [`ARCH_KERNELS`] are not always).
+    pub(super) fn has(&self, name: &str) -> bool {
+        self.functions.contains_key(name)
     }
 
     /// The kernel `name` (one of [`KERNELS`]).
@@ -187,6 +192,36 @@ impl Kernels {
         }
         Ok(f)
     }
+}
+
+/// Loads embedded module `module_name` into `ctx` and looks up `names` in it.
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    module_name: &str,
+    names: &[&'static str],
+) -> Result<Vec<(&'static str, CudaFunction)>> {
+    let image = embedded::MODULES
+        .iter()
+        .find(|(stem, _)| *stem == module_name)
+        .map(|(_, bytes)| *bytes)
+        .ok_or_else(|| Error::Backend(format!("kernel module {module_name} is not embedded")))?;
+    let module = ctx
+        .load_module(Ptx::from_binary(image.to_vec()))
+        .map_err(|e| {
+            Error::Backend(format!(
+                "loading kernel module {module_name} ({} bytes; built for {}): {e}",
+                image.len(),
+                embedded::ARCHS
+            ))
+        })?;
+    names
+        .iter()
+        .map(|&name| {
+            module.load_function(name).map(|f| (name, f)).map_err(|e| {
+                Error::Backend(format!("kernel {name} missing from {module_name}: {e}"))
+            })
+        })
+        .collect()
 }
 
 /// Maps a driver error to `Error::Backend`, saying what was being done.

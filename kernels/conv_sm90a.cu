@@ -1,0 +1,182 @@
+// conv_sm90a.cu — the implicit-GEMM convolution of conv.cu on Hopper's warpgroup tensor-core
+// instructions (wgmma), for sm_90a only (build.rs compiles *_sm90a.cu for that target alone; the
+// CUDA backend loads it on compute capability 9.0 and checks it against conv2d_implicit_gemm
+// before using it).
+//
+// conv2d_implicit_gemm_sm90 — same GEMM view, parameters, split-K and epilogue as
+//   conv2d_implicit_gemm (conv.cu): out[m, n] = Σ_k A[m, k]·W[n, k], m = (b, oy, ox), n = output
+//   channel, k = (r, s, c), A gathered from x (zero outside the image), C_in % 8 == 0.
+//   Block tile 128 (m) × 128 (n) × 64 (k), 256 threads = 2 warpgroups; warpgroup j computes rows
+//   64j..64j+63 × all 128 columns with 4 wgmma.m64n128k16 per k-tile (64 f32 accumulators per
+//   thread). Loads: 16-byte cp.async chunks (8 channels of one tap), 4 of A and 4 of W per thread
+//   per k-tile, zero-filling padding, the k tail and the m/n edges, into 4 shared-memory stages of
+//   32 KiB (131 072 bytes, dynamic). Each operand tile is stored as wgmma's K-major "core
+//   matrices" without swizzling: row r, chunk kc (8 halves) of a 128 × 64 tile lives at byte
+//   (r/8)·1024 + kc·128 + (r%8)·16, so core matrices adjacent along K are 128 bytes apart (LBO)
+//   and along M/N 1024 bytes apart (SBO). Per k-tile: wait for its cp.async group, proxy fence,
+//   barrier, issue the loads of the tile 3 ahead, 4 wgmma, commit, wait for them (so the stage
+//   they read is free when it is refilled). Epilogue: as conv.cu, from wgmma's accumulator layout
+//   (warp w of the warpgroup: d[4i + e] = D[16w + g + 8(e/2)][8i + 2t + e%2]).
+#include "common.cuh"
+#include "wgmma.cuh"
+
+using namespace sd21;
+
+namespace {
+constexpr int H_BM = 128, H_BN = 128, H_BK = 64;
+constexpr int H_STAGES = 4;
+constexpr int H_THREADS = 256;
+constexpr int H_TILE_BYTES = H_BM * H_BK * 2;        // 16 KiB per operand tile
+constexpr int H_STAGE_BYTES = 2 * H_TILE_BYTES;      // A then W
+constexpr int H_LBO = 128, H_SBO = (H_BK / 8) * 128;  // core-matrix strides along K and M/N
+}  // namespace
+
+// Byte offset of row r, 8-half chunk kc of a 128 × 64 operand tile (core-matrix layout).
+__device__ __forceinline__ int h_tile_offset(int r, int kc) {
+    return (r >> 3) * H_SBO + kc * H_LBO + (r & 7) * 16;
+}
+
+// Dynamic shared memory: H_STAGES · H_STAGE_BYTES = 131 072 bytes.
+extern "C" __global__ void __launch_bounds__(H_THREADS)
+    conv2d_implicit_gemm_sm90(const __half *__restrict__ x, const __half *__restrict__ w,
+                              const __half *__restrict__ bias, const __half *__restrict__ residual,
+                              __half *__restrict__ y, float *__restrict__ partial,
+                              const ConvParams p) {
+    extern __shared__ __align__(1024) uint8_t h_smem[];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+    const long long M = (long long)p.batch * p.out_h * p.out_w;
+    const int N = p.out_c;
+    const int K = p.kernel_h * p.kernel_w * p.in_c;
+    const long long m0 = (long long)blockIdx.x * H_BM;
+    const int n0 = blockIdx.y * H_BN;
+
+    // This thread's load slots: chunk column kc (the same for its 4 rows), rows tid/8 + 32i.
+    const int kc = tid & 7;
+    long long a_base[4];
+    int a_iy0[4], a_ix0[4];
+    bool a_ok[4];
+    const __half *b_row[4];
+    bool b_ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int r = (tid >> 3) + 32 * i;
+        const long long m = m0 + r;
+        a_ok[i] = m < M;
+        const long long mm = a_ok[i] ? m : 0;
+        const int ox = (int)(mm % p.out_w);
+        const long long rest = mm / p.out_w;
+        const int oy = (int)(rest % p.out_h);
+        const long long b = rest / p.out_h;
+        a_base[i] = b * p.in_h * p.in_w * p.in_c;
+        a_iy0[i] = oy * p.stride - p.pad;
+        a_ix0[i] = ox * p.stride - p.pad;
+        const int n = n0 + r;
+        b_ok[i] = n < N;
+        b_row[i] = w + (long long)(b_ok[i] ? n : 0) * K;
+    }
+
+    auto load_stage = [&](int stage, int kt) {
+        uint8_t *As = h_smem + stage * H_STAGE_BYTES;
+        uint8_t *Bs = As + H_TILE_BYTES;
+        const int k = kt * H_BK + kc * 8;
+        const bool k_ok = k < K;
+        const int tap = k / p.in_c;
+        const int c = k - tap * p.in_c;
+        const int r = tap / p.kernel_w;
+        const int s = tap - r * p.kernel_w;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = (tid >> 3) + 32 * i;
+            const int iy = a_iy0[i] + r, ix = a_ix0[i] + s;
+            const bool ok =
+                a_ok[i] && k_ok && iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w;
+            const __half *src =
+                x + (ok ? a_base[i] + ((long long)iy * p.in_w + ix) * p.in_c + c : 0);
+            cp_async16(As + h_tile_offset(row, kc), src, ok);
+            const bool okb = b_ok[i] && k_ok;
+            cp_async16(Bs + h_tile_offset(row, kc), b_row[i] + (okb ? k : 0), okb);
+        }
+    };
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+
+    // This block's k-tiles (of 64): all of them, or (split-K) its slice.
+    const int kt_all = (K + H_BK - 1) / H_BK;
+    const int kt0 = p.splits > 1 ? blockIdx.z * p.k_tiles_per_split : 0;
+    const int KT = p.splits > 1 ? min(kt_all - kt0, p.k_tiles_per_split) : kt_all;
+#pragma unroll
+    for (int s = 0; s < H_STAGES - 1; ++s) {
+        if (s < KT) load_stage(s, kt0 + s);
+        cp_async_commit();
+    }
+
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<H_STAGES - 2>();  // tile kt has landed (for this thread) ...
+        fence_proxy_async();            // ... and is visible to the tensor cores ...
+        __syncthreads();                // ... for every thread; tile kt − 1's wgmma are done
+        const int next = kt + H_STAGES - 1;
+        if (next < KT) load_stage(next % H_STAGES, kt0 + next);
+        cp_async_commit();
+
+        const uint8_t *As = h_smem + (kt % H_STAGES) * H_STAGE_BYTES + wg * 8 * H_SBO;
+        const uint8_t *Bs = h_smem + (kt % H_STAGES) * H_STAGE_BYTES + H_TILE_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < H_BK / 16; ++ks)
+            wgmma_m64n128k16(acc, wgmma_desc(As + ks * 2 * H_LBO, H_LBO, H_SBO),
+                             wgmma_desc(Bs + ks * 2 * H_LBO, H_LBO, H_SBO));
+        wgmma_commit();
+        wgmma_wait<0>();
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: rows g and g + 8 of this warp's 16, columns 8i + 2t, 8i + 2t + 1.
+    const bool pairs = (N & 1) == 0;
+    float *part = p.splits > 1 ? partial + (long long)blockIdx.z * M * N : nullptr;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const long long m = m0 + wg * 64 + wq * 16 + g + hh * 8;
+        if (m >= M) continue;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const int n = n0 + i * 8 + 2 * t;
+            if (n >= N) continue;
+            float v0 = acc[4 * i + 2 * hh], v1 = acc[4 * i + 2 * hh + 1];
+            const long long o = m * N + n;
+            if (part) {  // f32 partial sums of this split; bias and residual come in the reduce
+                if (pairs) {
+                    *reinterpret_cast<float2 *>(part + o) = make_float2(v0, v1);
+                } else {
+                    part[o] = v0;
+                    if (n + 1 < N) part[o + 1] = v1;
+                }
+            } else if (pairs) {  // n even, n + 1 < N, 4-byte aligned
+                if (p.has_bias) {
+                    const float2 bb = __half22float2(*reinterpret_cast<const __half2 *>(bias + n));
+                    v0 += bb.x;
+                    v1 += bb.y;
+                }
+                if (p.has_residual) {
+                    const float2 rr =
+                        __half22float2(*reinterpret_cast<const __half2 *>(residual + o));
+                    v0 += rr.x;
+                    v1 += rr.y;
+                }
+                *reinterpret_cast<__half2 *>(y + o) = __floats2half2_rn(v0, v1);
+            } else {
+                if (p.has_bias) v0 += __half2float(bias[n]);
+                if (p.has_residual) v0 += __half2float(residual[o]);
+                y[o] = __float2half_rn(v0);
+                if (n + 1 < N) {
+                    if (p.has_bias) v1 += __half2float(bias[n + 1]);
+                    if (p.has_residual) v1 += __half2float(residual[o + 1]);
+                    y[o + 1] = __float2half_rn(v1);
+                }
+            }
+        }
+    }
+}

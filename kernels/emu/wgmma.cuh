@@ -1,0 +1,91 @@
+// emu/wgmma.cuh — stands in for kernels/wgmma.cuh on the CPU emulator (see emu/common.cuh).
+//
+// A wgmma is deferred like the hardware allows: wgmma_m64n128k16 only records (descriptors,
+// accumulator array) for this thread, and the product is computed when a wgmma_wait retires its
+// group, reading shared memory through the descriptors at that moment. So a kernel that refills
+// a stage before waiting for the wgmma reading it, or reads its accumulators early, gets wrong
+// results. Each thread computes its own 64 accumulators following the PTX ISA's layout for
+// m64nNk16 (warp w of the warpgroup, g = lane/4, t = lane%4: d[4i + e] = D[16w + g + 8(e/2)]
+// [8i + 2t + e%2]) and the descriptor fields of the no-swizzle K-major layout.
+#pragma once
+
+#include "common.cuh"
+
+namespace sd21 {
+
+// The emulator's shared-memory "address" is the offset into the launch's dynamic shared memory
+// (wgmma operands must live there).
+SD21_DEV uint32_t emu_smem_offset(const void *p) {
+    const auto off = (const unsigned char *)p - emu::dyn_smem;
+    if (off < 0 || (size_t)off >= emu::smem_storage.size()) {
+        std::fprintf(stderr, "wgmma: operand outside dynamic shared memory\n");
+        std::abort();
+    }
+    return (uint32_t)off;
+}
+
+SD21_DEV uint64_t wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
+    const uint64_t addr = emu_smem_offset(smem);
+    if ((addr & 15) || (lbo & 15) || (sbo & 15)) {
+        std::fprintf(stderr, "wgmma: descriptor fields must be multiples of 16 bytes\n");
+        std::abort();
+    }
+    return ((addr >> 4) & 0x3FFF) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
+           (uint64_t((sbo >> 4) & 0x3FFF) << 32);
+}
+
+SD21_DEV void fence_proxy_async() {}
+SD21_DEV void wgmma_fence() {}
+
+struct WgmmaOp {
+    uint64_t a, b;
+    float *d;
+};
+inline thread_local std::vector<WgmmaOp> wgmma_open;
+inline thread_local std::vector<std::vector<WgmmaOp>> wgmma_groups;  // oldest first
+
+SD21_DEV void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+    wgmma_open.push_back({a, b, d});
+}
+
+SD21_DEV void wgmma_commit() {
+    wgmma_groups.push_back(std::move(wgmma_open));
+    wgmma_open.clear();
+}
+
+// Element (row, k) of a K-major no-swizzle operand described by `desc`.
+inline float wgmma_operand(uint64_t desc, int row, int k) {
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
+        std::fprintf(stderr, "wgmma: only the no-swizzle layout with base offset 0 is emulated\n");
+        std::abort();
+    }
+    const size_t start = (desc & 0x3FFF) << 4;
+    const size_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+    const size_t off = start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+    if (off + 2 > emu::smem_storage.size()) {
+        std::fprintf(stderr, "wgmma: operand element outside shared memory\n");
+        std::abort();
+    }
+    __half h;
+    std::memcpy(&h, emu::dyn_smem + off, 2);
+    return __half2float(h);
+}
+
+template <int N>
+SD21_DEV void wgmma_wait() {
+    const int w = (threadIdx.x >> 5) & 3, l = threadIdx.x & 31, g = l / 4, t = l % 4;
+    while (wgmma_groups.size() > size_t(N)) {
+        for (const WgmmaOp &op : wgmma_groups.front())
+            for (int i = 0; i < 16; ++i)
+                for (int e = 0; e < 4; ++e) {
+                    const int row = 16 * w + g + 8 * (e / 2), col = 8 * i + 2 * t + (e % 2);
+                    float acc = op.d[4 * i + e];
+                    for (int k = 0; k < 16; ++k)
+                        acc += wgmma_operand(op.a, row, k) * wgmma_operand(op.b, col, k);
+                    op.d[4 * i + e] = acc;
+                }
+        wgmma_groups.erase(wgmma_groups.begin());
+    }
+}
+
+}  // namespace sd21
