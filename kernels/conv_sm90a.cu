@@ -14,8 +14,9 @@
 //   matrices" without swizzling: row r, chunk kc (8 halves) of a 128 × 64 tile lives at byte
 //   (r/8)·1024 + kc·128 + (r%8)·16, so core matrices adjacent along K are 128 bytes apart (LBO)
 //   and along M/N 1024 bytes apart (SBO). Per k-tile: wait for its cp.async group, proxy fence,
-//   barrier, issue the loads of the tile 3 ahead, 4 wgmma, commit, wait for them (so the stage
-//   they read is free when it is refilled). Epilogue: as conv.cu, from wgmma's accumulator layout
+//   barrier, issue the loads of the tile 2 ahead (into the stage of tile kt − 2), 4 wgmma,
+//   commit, and wait for the previous tile's group only, so the tensor cores always have the
+//   next group queued while the stage they finished is refilled. Epilogue: as conv.cu, from wgmma's accumulator layout
 //   (warp w of the warpgroup: d[4i + e] = D[16w + g + 8(e/2)][8i + 2t + e%2]).
 #include "common.cuh"
 #include "wgmma.cuh"
@@ -25,6 +26,7 @@ using namespace sd21;
 namespace {
 constexpr int H_BM = 128, H_BN = 128, H_BK = 64;
 constexpr int H_STAGES = 4;
+constexpr int H_AHEAD = 2;  // tiles loaded ahead of the one multiplied
 constexpr int H_THREADS = 256;
 constexpr int H_TILE_BYTES = H_BM * H_BK * 2;        // 16 KiB per operand tile
 constexpr int H_STAGE_BYTES = 2 * H_TILE_BYTES;      // A then W
@@ -108,18 +110,20 @@ extern "C" __global__ void __launch_bounds__(H_THREADS)
     const int kt_all = (K + H_BK - 1) / H_BK;
     const int kt0 = p.splits > 1 ? blockIdx.z * p.k_tiles_per_split : 0;
     const int KT = p.splits > 1 ? min(kt_all - kt0, p.k_tiles_per_split) : kt_all;
+    // Loads run H_AHEAD tiles ahead and one wgmma group stays in flight, so a stage is refilled
+    // only after the group that read it (H_AHEAD + 1 < H_STAGES iterations earlier) retired.
 #pragma unroll
-    for (int s = 0; s < H_STAGES - 1; ++s) {
+    for (int s = 0; s < H_AHEAD; ++s) {
         if (s < KT) load_stage(s, kt0 + s);
         cp_async_commit();
     }
 
     for (int kt = 0; kt < KT; ++kt) {
-        cp_async_wait<H_STAGES - 2>();  // tile kt has landed (for this thread) ...
-        fence_proxy_async();            // ... and is visible to the tensor cores ...
-        __syncthreads();                // ... for every thread; tile kt − 1's wgmma are done
-        const int next = kt + H_STAGES - 1;
-        if (next < KT) load_stage(next % H_STAGES, kt0 + next);
+        cp_async_wait<H_AHEAD - 1>();  // tile kt has landed (for this thread) ...
+        fence_proxy_async();           // ... and is visible to the tensor cores ...
+        __syncthreads();  // ... for every thread, which all retired the wgmma of tile kt − 2
+        const int next = kt + H_AHEAD;
+        if (next < KT) load_stage(next % H_STAGES, kt0 + next);  // the stage of tile kt − 2
         cp_async_commit();
 
         const uint8_t *As = h_smem + (kt % H_STAGES) * H_STAGE_BYTES + wg * 8 * H_SBO;
@@ -130,8 +134,9 @@ extern "C" __global__ void __launch_bounds__(H_THREADS)
             wgmma_m64n128k16(acc, wgmma_desc(As + ks * 2 * H_LBO, H_LBO, H_SBO),
                              wgmma_desc(Bs + ks * 2 * H_LBO, H_LBO, H_SBO));
         wgmma_commit();
-        wgmma_wait<0>();
+        wgmma_wait<1>();  // tile kt − 1's group retires; tile kt's stays in flight
     }
+    wgmma_wait<0>();
     cp_async_wait<0>();
 
     // Epilogue: rows g and g + 8 of this warp's 16, columns 8i + 2t, 8i + 2t + 1.
