@@ -173,18 +173,28 @@ impl CudaBackend {
             hopper_conv: AtomicBool::new(false),
             description,
         };
-        // The wgmma convolution (sm_90a) only after it matched the portable kernel here.
-        if backend.kernels.has(conv::HOPPER_KERNEL) {
+        // The wgmma convolution (sm_90a) only after it matched the portable kernel here
+        // (SD21_HOPPER_CONV=0 skips it, e.g. should its check ever fault the GPU context).
+        if backend.kernels.has(conv::HOPPER_KERNEL) && !env_says_off("SD21_HOPPER_CONV") {
             match conv::hopper_self_check(&backend) {
                 Ok(()) => {
                     backend.hopper_conv.store(true, Ordering::Relaxed);
                     backend.description.push_str(", wgmma convolution");
                 }
-                Err(e) => tracing::warn!(
-                    "{}: the wgmma convolution failed its start-up check ({e}); using the \
-                     mma.sync kernel",
-                    backend.description
-                ),
+                Err(e) => {
+                    // A kernel fault is sticky: the context is unusable, say what caused it.
+                    backend.stream.synchronize().map_err(|sync| {
+                        Error::Backend(format!(
+                            "cuda:{ordinal}: the wgmma convolution's start-up check broke the \
+                             GPU context ({e}; {sync}); set SD21_HOPPER_CONV=0 to skip it"
+                        ))
+                    })?;
+                    tracing::warn!(
+                        "{}: the wgmma convolution failed its start-up check ({e}); using the \
+                         mma.sync kernel",
+                        backend.description
+                    );
+                }
             }
         }
         Ok(backend)
@@ -292,6 +302,16 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// True when environment variable `name` is 0, false, off or no.
+fn env_says_off(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "off" | "no"
+        )
+    })
 }
 
 /// SD21_CUDA_GRAPHS=1 (or true/on/yes) switches CUDA graphs on for the UNet (off by default until
