@@ -113,11 +113,19 @@ fn main() -> Result<()> {
             DeviceArg::Cpu => kernels(&CpuBackend::new(), 4, shapes, repeats, json, None),
             DeviceArg::Cuda => {
                 let backend = CudaBackend::new(0)?;
-                // On Hopper the convolutions run the wgmma kernel; time the portable one too.
-                let portable_conv = |on: bool| backend.set_hopper_conv(!on);
-                let alternative = backend.hopper_conv_active().then_some(Alternative {
+                // On Hopper the convolutions and head-dim-64 attention run wgmma kernels; time
+                // the portable mma.sync ones too.
+                let (conv, attention) = (
+                    backend.hopper_conv_active(),
+                    backend.hopper_attention_active(),
+                );
+                let portable = |on: bool| {
+                    backend.set_hopper_conv(conv && !on);
+                    backend.set_hopper_attention(attention && !on);
+                };
+                let alternative = (conv || attention).then_some(Alternative {
                     label: "mma.sync",
-                    switch: &portable_conv,
+                    switch: &portable,
                 });
                 kernels(&backend, 2, shapes, repeats, json, alternative)
             }
@@ -198,8 +206,9 @@ fn measure_ceilings<B: Backend>(backend: &B, elem: usize) -> Result<Ceilings> {
     })
 }
 
-/// A second kernel the implicit-GEMM convolutions can run on (the portable mma.sync kernel on a
-/// Hopper GPU, whose default is wgmma): its label and the switch that selects it.
+/// Second kernels the implicit-GEMM convolutions and head-dim-64 attention can run on (the
+/// portable mma.sync ones on a Hopper GPU, whose default is wgmma): their label and the switch
+/// that selects them.
 struct Alternative<'a> {
     label: &'static str,
     switch: &'a dyn Fn(bool),
@@ -239,14 +248,17 @@ fn kernels<B: Backend>(
     let mut runs: Vec<(String, &ops::OpCase, Option<&Alternative>)> = Vec::new();
     for case in &cases {
         runs.push((case.name.clone(), &case.op, None));
-        if let (Some(alt), ops::OpCase::Conv { cin, .. }) = (&alternative, &case.op) {
-            if cin % 8 == 0 {
-                runs.push((
-                    format!("{} [{}]", case.name, alt.label),
-                    &case.op,
-                    Some(alt),
-                ));
-            }
+        let has_alternative = match case.op {
+            ops::OpCase::Conv { cin, .. } => cin % 8 == 0,
+            ops::OpCase::Attention { c, heads, .. } => c == 64 * heads,
+            _ => false,
+        };
+        if let (Some(alt), true) = (&alternative, has_alternative) {
+            runs.push((
+                format!("{} [{}]", case.name, alt.label),
+                &case.op,
+                Some(alt),
+            ));
         }
     }
     for (name, op, alt) in runs {

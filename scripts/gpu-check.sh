@@ -188,19 +188,20 @@ timeout "$(limit "${SD21_GPU_TEST_TIMEOUT:-300}")" "$bin" --nocapture --test-thr
 rc=$?
 
 # 4b. A kernel fault is sticky: it breaks the process's GPU context and fails every test after
-#     it. The newest, least proven paths are the wgmma convolution and CUDA graphs: when the
-#     run failed (not by timeout), run again without them, so the portable kernels still get
+#     it. The newest, least proven paths are the wgmma kernels and CUDA graphs: when the run
+#     failed (not by timeout), run again without them, so the portable kernels still get
 #     checked and benchmarked (the report keeps both runs; the check still fails).
 rerun_rc=""
 if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then
     rerun_log="$out/cuda_ops_portable.log"
-    echo "gpu-check: tests failed (exit $rc); rerunning without the wgmma convolution and CUDA graphs (log: $rerun_log)" >&2
-    SD21_HOPPER_CONV=0 timeout "$(limit "${SD21_GPU_TEST_TIMEOUT:-300}")" "$bin" --nocapture --test-threads=4 \
+    echo "gpu-check: tests failed (exit $rc); rerunning without the wgmma kernels and CUDA graphs (log: $rerun_log)" >&2
+    SD21_WGMMA=0 timeout "$(limit "${SD21_GPU_TEST_TIMEOUT:-300}")" "$bin" --nocapture --test-threads=4 \
         --skip conv_portable_kernel_on_hopper_and_wgmma_active \
+        --skip attention_mma_sync_kernel_on_hopper_and_wgmma_active \
         --skip unet_cuda_graph_replays_match_op_by_op >"$rerun_log" 2>&1
     rerun_rc=$?
     if [ "$rerun_rc" = 0 ]; then
-        export SD21_HOPPER_CONV=0  # the benchmarks below then time the portable kernels
+        export SD21_WGMMA=0  # the benchmarks below then time the portable kernels
     fi
 fi
 
@@ -284,10 +285,10 @@ elif [ "$rc" = 124 ]; then
     message="the tests ran past ${SD21_GPU_TEST_TIMEOUT:-300} s and were stopped"
 elif [ "$rerun_rc" = 0 ]; then
     status="failed"
-    message="CUDA tests failed (exit $rc); without the wgmma convolution and CUDA graphs they passed (cuda_ops_portable.log); benchmarks $bench_status (portable kernels)"
+    message="CUDA tests failed (exit $rc); without the wgmma kernels and CUDA graphs they passed (cuda_ops_portable.log); benchmarks $bench_status (portable kernels)"
 else
     status="failed"
-    message="CUDA tests failed (exit $rc), and again without the wgmma convolution and CUDA graphs (exit $rerun_rc)"
+    message="CUDA tests failed (exit $rc), and again without the wgmma kernels and CUDA graphs (exit $rerun_rc)"
 fi
 [ "$probe" = 0 ] && message="$message (--no-gpu-probe: no GPU checked, tests may have skipped)"
 write_report "$status" "$message" "$rc"

@@ -519,6 +519,46 @@ fn attention_awkward_shapes() {
     }
 }
 
+/// On a Hopper GPU the shared backend runs head-dim-64 attention on the wgmma kernel: here the
+/// mma.sync flash kernel runs the SD shapes and the awkward ones on its own backend. Also checks
+/// that the wgmma kernel passed its start-up check on compute capability 9.0.
+#[test]
+fn attention_mma_sync_kernel_on_hopper_and_wgmma_active() {
+    let g = gpu_or_skip!();
+    println!(
+        "attention kernel (head dim 64): {}",
+        if g.hopper_attention_active() {
+            "wgmma (sm_90a)"
+        } else {
+            "mma.sync"
+        }
+    );
+    if g.compute_capability() != (9, 0) {
+        println!("not a Hopper GPU: the mma.sync kernel ran in the other attention tests");
+        return;
+    }
+    assert!(
+        g.hopper_attention_active(),
+        "compute capability 9.0 but the wgmma attention is not active: it failed to load or its \
+         start-up check (see the warning in the log)"
+    );
+    let portable = CudaBackend::new(0).expect("a second CUDA backend");
+    portable.set_debug_checks(true);
+    portable.set_hopper_attention(false);
+    assert!(!portable.hopper_attention_active());
+    let mut rng = Rng::new(14);
+    for case in [
+        (2, 4096, 4096, 5, 64, false),
+        (2, 4096, 77, 5, 64, false),
+        (2, 77, 77, 16, 64, true),
+        (1, 100, 37, 3, 64, false),
+        (1, 1, 1, 1, 64, false),
+        (2, 130, 130, 2, 64, true),
+    ] {
+        attention_case(&portable, &mut rng, case);
+    }
+}
+
 // ------------------------------------------------------------------ elementwise
 
 #[test]

@@ -5,6 +5,7 @@
 #include "common.cuh"
 
 #include "attention.cu"
+#include "attention_sm90a.cu"
 #include "conv.cu"
 #include "conv_sm90a.cu"
 #include "elementwise.cu"
@@ -62,7 +63,9 @@ void report(const std::string &what, const std::vector<__half> &got, const std::
 
 // ---------------------------------------------------------------- attention
 
-void attention_case(Rng &rng, int b, int nq, int nk, int heads, int d, bool causal) {
+// `hopper`: flash_attention_d64_sm90 (wgmma) instead of flash_attention_d64 (d must be 64).
+void attention_case(Rng &rng, int b, int nq, int nk, int heads, int d, bool causal,
+                    bool hopper = false) {
     const int hd = heads * d;
     auto q = rand_half(rng, (size_t)b * nq * hd, 2.0f);
     auto k = rand_half(rng, (size_t)b * nk * hd, 1.0f);
@@ -70,7 +73,12 @@ void attention_case(Rng &rng, int b, int nq, int nk, int heads, int d, bool caus
     auto out = poisoned(q.size());
     AttentionParams p{b, heads, nq, nk, d, causal, (float)(M_LOG2E / std::sqrt((double)d))};
     std::string name;
-    if (d == 64) {
+    if (hopper) {
+        name = "flash_attention_d64_sm90";
+        emu::launch({(unsigned)((nq + 63) / 64), (unsigned)(b * heads), 1}, {128, 1, 1},
+                    5 * 64 * 64 * 2,
+                    [&] { flash_attention_d64_sm90(q.data(), k.data(), v.data(), out.data(), p); });
+    } else if (d == 64) {
         name = "flash_attention_d64";
         emu::launch({(unsigned)((nq + 63) / 64), (unsigned)(b * heads), 1}, {128, 1, 1}, 0,
                     [&] { flash_attention_d64(q.data(), k.data(), v.data(), out.data(), p); });
@@ -383,6 +391,14 @@ int main() {
     attention_case(rng, 1, 1, 1, 1, 64, false);
     attention_case(rng, 1, 100, 37, 1, 64, false);
     attention_case(rng, 1, 65, 200, 1, 64, false);
+    // The Hopper (wgmma) kernel on the same shapes: 77 keys (one full tile and one of 13),
+    // causal, a single query and key, fewer keys than a tile, several key tiles.
+    attention_case(rng, 1, 70, 77, 2, 64, false, true);
+    attention_case(rng, 2, 64, 64, 1, 64, true, true);
+    attention_case(rng, 1, 130, 130, 1, 64, true, true);
+    attention_case(rng, 1, 1, 1, 1, 64, false, true);
+    attention_case(rng, 1, 100, 37, 1, 64, false, true);
+    attention_case(rng, 1, 65, 200, 1, 64, false, true);
     // Generic attention: every register width.
     attention_case(rng, 2, 33, 77, 2, 8, false);
     attention_case(rng, 1, 77, 77, 4, 8, true);

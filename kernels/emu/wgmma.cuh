@@ -38,14 +38,45 @@ SD21_DEV void fence_proxy_async() {}
 SD21_DEV void wgmma_fence() {}
 
 struct WgmmaOp {
-    uint64_t a, b;
+    int n;             // N of m64nNk16
+    uint64_t a, b;     // descriptors (a unused when A comes from registers)
+    bool a_in_regs;    // A from registers: this thread's two rows below
+    float a_rows[2][16];  // A[16w + g][0..16) and A[16w + g + 8][0..16)
+    bool b_mn_major;   // imm-trans-b: B's 8-element rows run along N
     float *d;
 };
 inline thread_local std::vector<WgmmaOp> wgmma_open;
 inline thread_local std::vector<std::vector<WgmmaOp>> wgmma_groups;  // oldest first
 
 SD21_DEV void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
-    wgmma_open.push_back({a, b, d});
+    wgmma_open.push_back({128, a, b, false, {}, false, d});
+}
+
+SD21_DEV void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b) {
+    wgmma_open.push_back({64, a, b, false, {}, false, d});
+}
+
+// A from registers: the warp's lanes exchange their fragments (mma.sync's m16n8k16 A layout) so
+// each thread keeps its rows g and g + 8 whole.
+SD21_DEV void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    const int l = emu::lane();
+    uint64_t *box = emu::mailbox(l);
+    for (int i = 0; i < 4; ++i) box[i] = a[i];
+    emu::warp_wait();
+    WgmmaOp op{64, 0, b, true, {}, true, d};
+    const int g = l / 4;
+    for (int tt = 0; tt < 4; ++tt) {
+        const uint64_t *m = emu::mailbox(4 * g + tt);
+        for (int half = 0; half < 2; ++half) {  // columns 2tt.. (regs 0, 1) and 2tt + 8.. (2, 3)
+            for (int r = 0; r < 2; ++r) {       // rows g (regs 0, 2) and g + 8 (regs 1, 3)
+                const uint32_t reg = (uint32_t)m[2 * half + r];
+                op.a_rows[r][2 * tt + 8 * half] = __half2float(lo_half(reg));
+                op.a_rows[r][2 * tt + 8 * half + 1] = __half2float(hi_half(reg));
+            }
+        }
+    }
+    emu::warp_wait();
+    wgmma_open.push_back(op);
 }
 
 SD21_DEV void wgmma_commit() {
@@ -53,15 +84,18 @@ SD21_DEV void wgmma_commit() {
     wgmma_open.clear();
 }
 
-// Element (row, k) of a K-major no-swizzle operand described by `desc`.
-inline float wgmma_operand(uint64_t desc, int row, int k) {
+// Element (row, k) of a no-swizzle operand described by `desc`: K-major (8-element rows along K)
+// or MN-major (8-element rows along M/N; LBO then steps along K, SBO along M/N).
+inline float wgmma_operand(uint64_t desc, int row, int k, bool mn_major) {
     if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
         std::fprintf(stderr, "wgmma: only the no-swizzle layout with base offset 0 is emulated\n");
         std::abort();
     }
     const size_t start = (desc & 0x3FFF) << 4;
     const size_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
-    const size_t off = start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+    const size_t off =
+        mn_major ? start + (row / 8) * sbo + (k / 8) * lbo + (k % 8) * 16 + (row % 8) * 2
+                 : start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
     if (off + 2 > emu::smem_storage.size()) {
         std::fprintf(stderr, "wgmma: operand element outside shared memory\n");
         std::abort();
@@ -76,12 +110,15 @@ SD21_DEV void wgmma_wait() {
     const int w = (threadIdx.x >> 5) & 3, l = threadIdx.x & 31, g = l / 4, t = l % 4;
     while (wgmma_groups.size() > size_t(N)) {
         for (const WgmmaOp &op : wgmma_groups.front())
-            for (int i = 0; i < 16; ++i)
+            for (int i = 0; i < op.n / 8; ++i)
                 for (int e = 0; e < 4; ++e) {
                     const int row = 16 * w + g + 8 * (e / 2), col = 8 * i + 2 * t + (e % 2);
                     float acc = op.d[4 * i + e];
-                    for (int k = 0; k < 16; ++k)
-                        acc += wgmma_operand(op.a, row, k) * wgmma_operand(op.b, col, k);
+                    for (int k = 0; k < 16; ++k) {
+                        const float av = op.a_in_regs ? op.a_rows[e / 2][k]
+                                                      : wgmma_operand(op.a, row, k, false);
+                        acc += av * wgmma_operand(op.b, col, k, op.b_mn_major);
+                    }
                     op.d[4 * i + e] = acc;
                 }
         wgmma_groups.erase(wgmma_groups.begin());

@@ -1,11 +1,14 @@
-//! Wrapper of `kernels/attention.cu`: head dim 64 goes to the tensor-core flash kernel, any other
-//! head dim up to 512 to the generic CUDA-core kernel sized for it.
+//! Wrapper of `kernels/attention.cu` and `kernels/attention_sm90a.cu`: head dim 64 goes to the
+//! tensor-core flash kernel (wgmma on Hopper once it passed its start-up check, mma.sync
+//! elsewhere), any other head dim up to 512 to the generic CUDA-core kernel sized for it.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::params::AttentionParams;
 use super::kernels::{launch_error, to_i32};
+use crate::backend::Backend;
+use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
 /// The largest head dim of the generic kernel (32 lanes × 16 registers per query).
@@ -15,10 +18,27 @@ const FLASH_BQ: usize = 64;
 const GENERIC_BQ: usize = 16;
 /// Keys per tile of the generic kernel.
 const GENERIC_BK: usize = 32;
+/// The Hopper flash kernel (loaded on compute capability 9.0 only) and its dynamic shared memory:
+/// Q, two K and two V tiles of 64 × 64 f16.
+pub(super) const HOPPER_KERNEL: &str = "flash_attention_d64_sm90";
+const HOPPER_SMEM: usize = 5 * 64 * 64 * 2;
 
 /// `q [B, Nq, H·D]`, `k`/`v [B, Nk, H·D]` → `[B, Nq, H·D]`, scale 1/√D, optional causal mask.
 pub(super) fn attention(
     be: &CudaBackend,
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    heads: usize,
+    causal: bool,
+) -> Result<CudaTensor> {
+    attention_with(be, be.hopper_attention_active(), q, k, v, heads, causal)
+}
+
+/// [`attention`], with head dim 64 on the wgmma kernel when `hopper`.
+fn attention_with(
+    be: &CudaBackend,
+    hopper: bool,
     q: &CudaTensor,
     k: &CudaTensor,
     v: &CudaTensor,
@@ -83,7 +103,16 @@ pub(super) fn attention(
         scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
     };
 
-    let (kernel, cfg) = if d == 64 {
+    let (kernel, cfg) = if d == 64 && hopper {
+        (
+            HOPPER_KERNEL,
+            LaunchConfig {
+                grid_dim: (nq.div_ceil(FLASH_BQ) as u32, bh as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: HOPPER_SMEM as u32,
+            },
+        )
+    } else if d == 64 {
         (
             "flash_attention_d64",
             LaunchConfig {
@@ -124,9 +153,57 @@ pub(super) fn attention(
     // SAFETY: (const __half* q, const __half* k, const __half* v, __half* out, AttentionParams):
     // q and out hold B·Nq·H·D f16, k and v B·Nk·H·D (shapes checked above); block (x, y) reads
     // query rows < Nq and key rows < Nk of batch y / H, head y % H only, and writes its own query
-    // rows. The flash kernel (D = 64) uses 46 KB of static shared memory; the generic one gets
-    // exactly the dynamic size it indexes (limit raised by get_with_smem).
+    // rows. The flash kernel (D = 64) uses 46 KB of static shared memory; the wgmma one and the
+    // generic one get exactly the dynamic size they index (limit raised by get_with_smem).
     unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
     be.after_launch(kernel)?;
     Ok(CudaTensor::new(q.shape.clone(), out))
+}
+
+/// Runs the wgmma flash kernel and the mma.sync one on the same random inputs (77 keys: a full
+/// tile and a partial one; causal self-attention over three tiles) and errors unless they agree
+/// (relative L2 ≤ 1e-2, all finite): the backend uses the wgmma kernel only after this passed.
+pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<()> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut random = |shape: &[usize], scale: f32| -> Result<CudaTensor> {
+        let n = shape.iter().product();
+        let data = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        be.upload(&HostTensor::new(shape.to_vec(), data)?)
+    };
+    // (batch, queries, keys, heads, causal)
+    for (b, nq, nk, heads, causal) in [(2, 130, 77, 2, false), (1, 150, 150, 1, true)] {
+        let q = random(&[b, nq, heads * 64], 2.0)?;
+        let k = random(&[b, nk, heads * 64], 1.0)?;
+        let v = random(&[b, nk, heads * 64], 1.0)?;
+        let run = |hopper: bool| -> Result<Vec<f32>> {
+            let out = attention_with(be, hopper, &q, &k, &v, heads, causal)?;
+            Ok(be.download(&out)?.data)
+        };
+        let (want, got) = (run(false)?, run(true)?);
+        let (mut err2, mut ref2) = (0.0f64, 0.0f64);
+        for (&g, &w) in got.iter().zip(&want) {
+            if !g.is_finite() {
+                return Err(Error::Backend(format!(
+                    "non-finite output for {nq} queries × {nk} keys"
+                )));
+            }
+            err2 += ((g - w) as f64).powi(2);
+            ref2 += (w as f64).powi(2);
+        }
+        let rel = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
+        if rel > 1e-2 {
+            return Err(Error::Backend(format!(
+                "relative L2 error {rel:.3e} against the mma.sync kernel for {nq} queries × {nk} \
+                 keys (causal: {causal})"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -103,6 +103,8 @@ pub struct CudaBackend {
     capability: (i32, i32),
     /// Convolutions use `conv2d_implicit_gemm_sm90` (see `hopper_conv_active`).
     hopper_conv: AtomicBool,
+    /// Head-dim-64 attention uses `flash_attention_d64_sm90` (see `hopper_attention_active`).
+    hopper_attention: AtomicBool,
     description: String,
 }
 
@@ -171,31 +173,55 @@ impl CudaBackend {
             graph_cache: Mutex::new(GraphCache::default()),
             capability: (major, minor),
             hopper_conv: AtomicBool::new(false),
+            hopper_attention: AtomicBool::new(false),
             description,
         };
-        // The wgmma convolution (sm_90a) only after it matched the portable kernel here
-        // (SD21_HOPPER_CONV=0 skips it, e.g. should its check ever fault the GPU context).
-        if backend.kernels.has(conv::HOPPER_KERNEL) && !env_says_off("SD21_HOPPER_CONV") {
-            match conv::hopper_self_check(&backend) {
+        // The wgmma kernels (sm_90a) only after each matched the portable kernel here
+        // (SD21_WGMMA=0 skips them, e.g. should a check ever fault the GPU context).
+        type Check = fn(&CudaBackend) -> Result<()>;
+        let hopper: [(&str, &str, Check, &AtomicBool); 2] = [
+            (
+                conv::HOPPER_KERNEL,
+                "convolution",
+                conv::hopper_self_check,
+                &backend.hopper_conv,
+            ),
+            (
+                attention::HOPPER_KERNEL,
+                "attention",
+                attention::hopper_self_check,
+                &backend.hopper_attention,
+            ),
+        ];
+        let mut active = Vec::new();
+        for (kernel, what, check, flag) in hopper {
+            if !backend.kernels.has(kernel) || env_says_off("SD21_WGMMA") {
+                continue;
+            }
+            match check(&backend) {
                 Ok(()) => {
-                    backend.hopper_conv.store(true, Ordering::Relaxed);
-                    backend.description.push_str(", wgmma convolution");
+                    flag.store(true, Ordering::Relaxed);
+                    active.push(what);
                 }
                 Err(e) => {
                     // A kernel fault is sticky: the context is unusable, say what caused it.
                     backend.stream.synchronize().map_err(|sync| {
                         Error::Backend(format!(
-                            "cuda:{ordinal}: the wgmma convolution's start-up check broke the \
-                             GPU context ({e}; {sync}); set SD21_HOPPER_CONV=0 to skip it"
+                            "cuda:{ordinal}: the start-up check of the wgmma {what} broke the GPU \
+                             context ({e}; {sync}); set SD21_WGMMA=0 to skip the wgmma kernels"
                         ))
                     })?;
                     tracing::warn!(
-                        "{}: the wgmma convolution failed its start-up check ({e}); using the \
+                        "{}: the wgmma {what} failed its start-up check ({e}); using the \
                          mma.sync kernel",
                         backend.description
                     );
                 }
             }
+        }
+        if !active.is_empty() {
+            let list = active.join(" + ");
+            backend.description.push_str(&format!(", wgmma {list}"));
         }
         Ok(backend)
     }
@@ -216,6 +242,19 @@ impl CudaBackend {
     pub fn set_hopper_conv(&self, on: bool) {
         let available = self.kernels.has(conv::HOPPER_KERNEL);
         self.hopper_conv.store(on && available, Ordering::Relaxed);
+    }
+
+    /// Whether head-dim-64 attention runs the Hopper (wgmma) flash kernel: on compute
+    /// capability 9.0, once it has matched the mma.sync kernel at start-up.
+    pub fn hopper_attention_active(&self) -> bool {
+        self.hopper_attention.load(Ordering::Relaxed)
+    }
+
+    /// As [`CudaBackend::set_hopper_conv`], for the attention kernel.
+    pub fn set_hopper_attention(&self, on: bool) {
+        let available = self.kernels.has(attention::HOPPER_KERNEL);
+        self.hopper_attention
+            .store(on && available, Ordering::Relaxed);
     }
 
     /// Debug mode (tests): every fresh output is filled with NaN before its kernel runs, so an

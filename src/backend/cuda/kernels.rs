@@ -90,8 +90,10 @@ const KERNELS: &[(&str, &[&str])] = &[
 
 /// Kernels built for one exact architecture, loaded only on a device of that compute capability
 /// (and skipped with a warning if loading fails): (module, capability, kernels).
-const ARCH_KERNELS: &[(&str, (i32, i32), &[&str])] =
-    &[("conv_sm90a", (9, 0), &["conv2d_implicit_gemm_sm90"])];
+const ARCH_KERNELS: &[(&str, (i32, i32), &[&str])] = &[
+    ("conv_sm90a", (9, 0), &["conv2d_implicit_gemm_sm90"]),
+    ("attention_sm90a", (9, 0), &["flash_attention_d64_sm90"]),
+];
 
 /// The loaded kernel functions, by name.
 pub(super) struct Kernels {

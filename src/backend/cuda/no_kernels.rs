@@ -53,6 +53,31 @@ impl CudaBackend {
         match self.never {}
     }
 
+    /// See the real backend: the device's compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        match self.never {}
+    }
+
+    /// See the real backend: whether convolutions run the wgmma kernel.
+    pub fn hopper_conv_active(&self) -> bool {
+        match self.never {}
+    }
+
+    /// See the real backend: selects the wgmma or the portable convolution.
+    pub fn set_hopper_conv(&self, _on: bool) {
+        match self.never {}
+    }
+
+    /// See the real backend: whether head-dim-64 attention runs the wgmma kernel.
+    pub fn hopper_attention_active(&self) -> bool {
+        match self.never {}
+    }
+
+    /// See the real backend: selects the wgmma or the mma.sync flash attention.
+    pub fn set_hopper_attention(&self, _on: bool) {
+        match self.never {}
+    }
+
     /// See the real backend: launches of recorded CUDA graphs.
     pub fn graph_replays(&self) -> usize {
         match self.never {}
