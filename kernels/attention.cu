@@ -22,6 +22,7 @@
 //   the 4 probabilities are broadcast by shuffle and lane l accumulates output channels
 //   l, l+32, … (DPL of them) in f32 registers.
 #include "common.cuh"
+#include "attention_common.cuh"
 
 using namespace sd21;
 
@@ -47,7 +48,7 @@ __device__ __forceinline__ void fa_load_tile(__half *dst, const __half *src, lon
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS)
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)  // ≤ 128 registers: 4 blocks per SM
     flash_attention_d64(const __half *__restrict__ q, const __half *__restrict__ k,
                         const __half *__restrict__ v, __half *__restrict__ out,
                         const AttentionParams p) {
@@ -120,44 +121,11 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
             }
         }
 
-        // Scale into log2 units and mask.
-        const int kv0 = j * FA_BK;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = kv0 + nt * 8 + 2 * t + (e & 1);
-                const int qi = q0 + warp * 16 + g + (e >> 1) * 8;
-                const bool masked = key >= p.kv_len || (p.causal && key > qi);
-                s[nt][e] = masked ? -INFINITY : s[nt][e] * p.scale_log2;
-            }
-
-        // Online softmax for rows g (r = 0) and g + 8 (r = 1); a row is spread over 4 lanes.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[r], mx);
-            const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a fully masked row so far
-            const float alpha = exp2f(m[r] - m_use);
-            m[r] = m_new;
-            float sum = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
-                s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
-                sum += s[nt][2 * r] + s[nt][2 * r + 1];
-            }
-            l[r] = l[r] * alpha + sum;
-#pragma unroll
-            for (int dt = 0; dt < 8; ++dt) {
-                o[dt][2 * r] *= alpha;
-                o[dt][2 * r + 1] *= alpha;
-            }
-        }
+        // Scale into log2 units, mask, and update the online softmax (attention_common.cuh).
+        auto S = [&](int nt, int e) -> float & { return s[nt][e]; };
+        auto O = [&](int dt, int e) -> float & { return o[dt][e]; };
+        fa_scale_mask(S, p, j * FA_BK, q0 + warp * 16, g, t);
+        fa_online_softmax(S, O, m, l);
 
         // O += P·V, P straight from the S registers.
 #pragma unroll
@@ -183,21 +151,8 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
     cp_async_wait<0>();
 
     // Normalise and store rows g and g + 8.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = l[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        const int qi = q0 + warp * 16 + g + r * 8;
-        if (qi < p.q_len) {
-            __half *dst = ob + (long long)qi * row_stride + 2 * t;
-#pragma unroll
-            for (int dt = 0; dt < 8; ++dt)
-                *reinterpret_cast<__half2 *>(dst + dt * 8) =
-                    __floats2half2_rn(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-        }
-    }
+    fa_store_rows([&](int dt, int e) -> float & { return o[dt][e]; }, l, ob, row_stride, p.q_len,
+                  q0 + warp * 16, g, t);
 }
 
 // ---------------------------------------------------------------- generic head dim

@@ -25,6 +25,7 @@
 // conv2d_direct — the simple fallback for any shape: one thread per output element (consecutive
 //   threads = consecutive output channels), a plain loop over the kernel window in f32.
 #include "common.cuh"
+#include "conv_common.cuh"
 
 using namespace sd21;
 
@@ -53,49 +54,15 @@ extern "C" __global__ void __launch_bounds__(CV_THREADS)
 
     // This thread's load slots: chunk column kc, rows (tid >> 2) and (tid >> 2) + 64 of each tile.
     const int kc = tid & 3;
-    long long a_base[2];
-    int a_iy0[2], a_ix0[2];
-    bool a_ok[2];
-    const __half *b_row[2];
-    bool b_ok[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int r = (tid >> 2) + 64 * i;
-        const long long m = m0 + r;
-        a_ok[i] = m < M;
-        const long long mm = a_ok[i] ? m : 0;
-        const int ox = (int)(mm % p.out_w);
-        const long long rest = mm / p.out_w;
-        const int oy = (int)(rest % p.out_h);
-        const long long b = rest / p.out_h;
-        a_base[i] = b * p.in_h * p.in_w * p.in_c;
-        a_iy0[i] = oy * p.stride - p.pad;
-        a_ix0[i] = ox * p.stride - p.pad;
-        const int n = n0 + r;
-        b_ok[i] = n < N;
-        b_row[i] = w + (long long)(b_ok[i] ? n : 0) * K;
-    }
-
+    const ConvLoadRows<2> rows(p, w, M, N, K, m0, n0, tid >> 2, 64);
     auto load_stage = [&](int stage, int kt) {
         __half *As = cv_smem + stage * CV_STAGE_HALVES;
         __half *Bs = As + CV_BM * CV_STRIDE;
-        const int k = kt * CV_BK + kc * 8;
-        const bool k_ok = k < K;
-        const int tap = k / p.in_c;
-        const int c = k - tap * p.in_c;
-        const int r = tap / p.kernel_w;
-        const int s = tap - r * p.kernel_w;
+        const ConvTap tap = conv_tap(p, K, kt * CV_BK + kc * 8);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int row = (tid >> 2) + 64 * i;
-            const int iy = a_iy0[i] + r, ix = a_ix0[i] + s;
-            const bool ok =
-                a_ok[i] && k_ok && iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w;
-            const __half *src =
-                x + (ok ? a_base[i] + ((long long)iy * p.in_w + ix) * p.in_c + c : 0);
-            cp_async16(As + row * CV_STRIDE + kc * 8, src, ok);
-            const bool okb = b_ok[i] && k_ok;
-            cp_async16(Bs + row * CV_STRIDE + kc * 8, b_row[i] + (okb ? k : 0), okb);
+            rows.load(p, x, tap, i, As + row * CV_STRIDE + kc * 8, Bs + row * CV_STRIDE + kc * 8);
         }
     };
 
@@ -149,32 +116,10 @@ extern "C" __global__ void __launch_bounds__(CV_THREADS)
     }
     cp_async_wait<0>();
 
-    // Epilogue: rows g and g + 8 of each m16 tile, columns 2t, 2t + 1 of each n8 tile.
+    // Epilogue: rows g and g + 8 of each m16 tile, columns 2t, 2t + 1 of each n8 tile; with
+    // split-K, f32 partial sums of this split (bias and residual come in the reduce).
     const bool pairs = (N & 1) == 0;
-    if (p.splits > 1) {  // f32 partial sums of this split; bias and residual come in the reduce
-        float *part = partial + (long long)blockIdx.z * M * N;
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const long long m = m0 + warp_m * 32 + mi * 16 + g + hh * 8;
-                if (m >= M) continue;
-#pragma unroll
-                for (int ni = 0; ni < 8; ++ni) {
-                    const int n = n0 + warp_n * 64 + ni * 8 + 2 * t;
-                    if (n >= N) continue;
-                    const long long o = m * N + n;
-                    if (pairs) {  // o even: 8-byte aligned
-                        *reinterpret_cast<float2 *>(part + o) =
-                            make_float2(acc[mi][ni][2 * hh], acc[mi][ni][2 * hh + 1]);
-                    } else {
-                        part[o] = acc[mi][ni][2 * hh];
-                        if (n + 1 < N) part[o + 1] = acc[mi][ni][2 * hh + 1];
-                    }
-                }
-            }
-        return;
-    }
+    float *part = p.splits > 1 ? partial + (long long)blockIdx.z * M * N : nullptr;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -185,31 +130,8 @@ extern "C" __global__ void __launch_bounds__(CV_THREADS)
             for (int ni = 0; ni < 8; ++ni) {
                 const int n = n0 + warp_n * 64 + ni * 8 + 2 * t;
                 if (n >= N) continue;
-                float v0 = acc[mi][ni][2 * hh], v1 = acc[mi][ni][2 * hh + 1];
-                const long long o = m * N + n;
-                if (pairs) {  // n even, n + 1 < N, 4-byte aligned
-                    if (p.has_bias) {
-                        const float2 bb = __half22float2(*reinterpret_cast<const __half2 *>(bias + n));
-                        v0 += bb.x;
-                        v1 += bb.y;
-                    }
-                    if (p.has_residual) {
-                        const float2 rr =
-                            __half22float2(*reinterpret_cast<const __half2 *>(residual + o));
-                        v0 += rr.x;
-                        v1 += rr.y;
-                    }
-                    *reinterpret_cast<__half2 *>(y + o) = __floats2half2_rn(v0, v1);
-                } else {
-                    if (p.has_bias) v0 += __half2float(bias[n]);
-                    if (p.has_residual) v0 += __half2float(residual[o]);
-                    y[o] = __float2half_rn(v0);
-                    if (n + 1 < N) {
-                        if (p.has_bias) v1 += __half2float(bias[n + 1]);
-                        if (p.has_residual) v1 += __half2float(residual[o + 1]);
-                        y[o + 1] = __float2half_rn(v1);
-                    }
-                }
+                conv_store_pair(p, y, part, bias, residual, m, n, N, pairs,
+                                acc[mi][ni][2 * hh], acc[mi][ni][2 * hh + 1]);
             }
         }
 }

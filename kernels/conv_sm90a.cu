@@ -19,6 +19,7 @@
 //   next group queued while the stage they finished is refilled. Epilogue: as conv.cu, from wgmma's accumulator layout
 //   (warp w of the warpgroup: d[4i + e] = D[16w + g + 8(e/2)][8i + 2t + e%2]).
 #include "common.cuh"
+#include "conv_common.cuh"
 #include "wgmma.cuh"
 
 using namespace sd21;
@@ -56,49 +57,15 @@ extern "C" __global__ void __launch_bounds__(H_THREADS)
 
     // This thread's load slots: chunk column kc (the same for its 4 rows), rows tid/8 + 32i.
     const int kc = tid & 7;
-    long long a_base[4];
-    int a_iy0[4], a_ix0[4];
-    bool a_ok[4];
-    const __half *b_row[4];
-    bool b_ok[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int r = (tid >> 3) + 32 * i;
-        const long long m = m0 + r;
-        a_ok[i] = m < M;
-        const long long mm = a_ok[i] ? m : 0;
-        const int ox = (int)(mm % p.out_w);
-        const long long rest = mm / p.out_w;
-        const int oy = (int)(rest % p.out_h);
-        const long long b = rest / p.out_h;
-        a_base[i] = b * p.in_h * p.in_w * p.in_c;
-        a_iy0[i] = oy * p.stride - p.pad;
-        a_ix0[i] = ox * p.stride - p.pad;
-        const int n = n0 + r;
-        b_ok[i] = n < N;
-        b_row[i] = w + (long long)(b_ok[i] ? n : 0) * K;
-    }
-
+    const ConvLoadRows<4> rows(p, w, M, N, K, m0, n0, tid >> 3, 32);
     auto load_stage = [&](int stage, int kt) {
         uint8_t *As = h_smem + stage * H_STAGE_BYTES;
         uint8_t *Bs = As + H_TILE_BYTES;
-        const int k = kt * H_BK + kc * 8;
-        const bool k_ok = k < K;
-        const int tap = k / p.in_c;
-        const int c = k - tap * p.in_c;
-        const int r = tap / p.kernel_w;
-        const int s = tap - r * p.kernel_w;
+        const ConvTap tap = conv_tap(p, K, kt * H_BK + kc * 8);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int row = (tid >> 3) + 32 * i;
-            const int iy = a_iy0[i] + r, ix = a_ix0[i] + s;
-            const bool ok =
-                a_ok[i] && k_ok && iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w;
-            const __half *src =
-                x + (ok ? a_base[i] + ((long long)iy * p.in_w + ix) * p.in_c + c : 0);
-            cp_async16(As + h_tile_offset(row, kc), src, ok);
-            const bool okb = b_ok[i] && k_ok;
-            cp_async16(Bs + h_tile_offset(row, kc), b_row[i] + (okb ? k : 0), okb);
+            const int off = h_tile_offset((tid >> 3) + 32 * i, kc);
+            rows.load(p, x, tap, i, As + off, Bs + off);
         }
     };
 
@@ -139,7 +106,8 @@ extern "C" __global__ void __launch_bounds__(H_THREADS)
     wgmma_wait<0>();
     cp_async_wait<0>();
 
-    // Epilogue: rows g and g + 8 of this warp's 16, columns 8i + 2t, 8i + 2t + 1.
+    // Epilogue: rows g and g + 8 of this warp's 16, columns 8i + 2t, 8i + 2t + 1; with split-K,
+    // f32 partial sums of this split (bias and residual come in the reduce).
     const bool pairs = (N & 1) == 0;
     float *part = p.splits > 1 ? partial + (long long)blockIdx.z * M * N : nullptr;
 #pragma unroll
@@ -150,38 +118,8 @@ extern "C" __global__ void __launch_bounds__(H_THREADS)
         for (int i = 0; i < 16; ++i) {
             const int n = n0 + i * 8 + 2 * t;
             if (n >= N) continue;
-            float v0 = acc[4 * i + 2 * hh], v1 = acc[4 * i + 2 * hh + 1];
-            const long long o = m * N + n;
-            if (part) {  // f32 partial sums of this split; bias and residual come in the reduce
-                if (pairs) {
-                    *reinterpret_cast<float2 *>(part + o) = make_float2(v0, v1);
-                } else {
-                    part[o] = v0;
-                    if (n + 1 < N) part[o + 1] = v1;
-                }
-            } else if (pairs) {  // n even, n + 1 < N, 4-byte aligned
-                if (p.has_bias) {
-                    const float2 bb = __half22float2(*reinterpret_cast<const __half2 *>(bias + n));
-                    v0 += bb.x;
-                    v1 += bb.y;
-                }
-                if (p.has_residual) {
-                    const float2 rr =
-                        __half22float2(*reinterpret_cast<const __half2 *>(residual + o));
-                    v0 += rr.x;
-                    v1 += rr.y;
-                }
-                *reinterpret_cast<__half2 *>(y + o) = __floats2half2_rn(v0, v1);
-            } else {
-                if (p.has_bias) v0 += __half2float(bias[n]);
-                if (p.has_residual) v0 += __half2float(residual[o]);
-                y[o] = __float2half_rn(v0);
-                if (n + 1 < N) {
-                    if (p.has_bias) v1 += __half2float(bias[n + 1]);
-                    if (p.has_residual) v1 += __half2float(residual[o + 1]);
-                    y[o + 1] = __float2half_rn(v1);
-                }
-            }
+            conv_store_pair(p, y, part, bias, residual, m, n, N, pairs, acc[4 * i + 2 * hh],
+                            acc[4 * i + 2 * hh + 1]);
         }
     }
 }

@@ -11,8 +11,11 @@ kernels="$(dirname "$here")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
+# The emulator's own common.cuh and wgmma.cuh replace the real ones; every other header and
+# source is copied (and rewritten below) next to them, so includes resolve to the emulated ones.
 cp "$here/common.cuh" "$here/wgmma.cuh" "$here/check.cpp" "$work/"
-for f in "$kernels"/*.cu; do
+for f in "$kernels"/*.cu "$kernels"/*.cuh; do
+    [ -e "$here/$(basename "$f")" ] && continue
     # Shared memory → function statics (blocks run one at a time); dynamic shared memory → the
     # emulator's per-launch buffer.
     sed -E \

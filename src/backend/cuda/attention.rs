@@ -7,8 +7,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::params::AttentionParams;
 use super::kernels::{launch_error, to_i32};
-use crate::backend::Backend;
-use crate::tensor::HostTensor;
+use super::self_check::{agree, RandomTensors};
 use crate::{Error, Result};
 
 /// The largest head dim of the generic kernel (32 lanes × 16 registers per query).
@@ -164,46 +163,16 @@ fn attention_with(
 /// tile and a partial one; causal self-attention over three tiles) and errors unless they agree
 /// (relative L2 ≤ 1e-2, all finite): the backend uses the wgmma kernel only after this passed.
 pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<()> {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut random = |shape: &[usize], scale: f32| -> Result<CudaTensor> {
-        let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect();
-        be.upload(&HostTensor::new(shape.to_vec(), data)?)
-    };
+    let mut random = RandomTensors::new(be, 0x9e37_79b9_7f4a_7c15);
     // (batch, queries, keys, heads, causal)
     for (b, nq, nk, heads, causal) in [(2, 130, 77, 2, false), (1, 150, 150, 1, true)] {
-        let q = random(&[b, nq, heads * 64], 2.0)?;
-        let k = random(&[b, nk, heads * 64], 1.0)?;
-        let v = random(&[b, nk, heads * 64], 1.0)?;
-        let run = |hopper: bool| -> Result<Vec<f32>> {
-            let out = attention_with(be, hopper, &q, &k, &v, heads, causal)?;
-            Ok(be.download(&out)?.data)
-        };
+        let q = random.tensor(&[b, nq, heads * 64], 2.0)?;
+        let k = random.tensor(&[b, nk, heads * 64], 1.0)?;
+        let v = random.tensor(&[b, nk, heads * 64], 1.0)?;
+        let run = |hopper| attention_with(be, hopper, &q, &k, &v, heads, causal);
         let (want, got) = (run(false)?, run(true)?);
-        let (mut err2, mut ref2) = (0.0f64, 0.0f64);
-        for (&g, &w) in got.iter().zip(&want) {
-            if !g.is_finite() {
-                return Err(Error::Backend(format!(
-                    "non-finite output for {nq} queries × {nk} keys"
-                )));
-            }
-            err2 += ((g - w) as f64).powi(2);
-            ref2 += (w as f64).powi(2);
-        }
-        let rel = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
-        if rel > 1e-2 {
-            return Err(Error::Backend(format!(
-                "relative L2 error {rel:.3e} against the mma.sync kernel for {nq} queries × {nk} \
-                 keys (causal: {causal})"
-            )));
-        }
+        let what = format!("{nq} queries × {nk} keys (causal: {causal})");
+        agree(be, &got, &want, &what)?;
     }
     Ok(())
 }

@@ -8,8 +8,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::params::ConvParams;
 use super::kernels::{launch_error, to_i32};
-use crate::backend::Backend;
-use crate::tensor::HostTensor;
+use super::self_check::{agree, RandomTensors};
 use crate::{Error, Result};
 
 /// Tile sizes and shared memory of `conv2d_implicit_gemm` (see the kernel's header).
@@ -257,47 +256,22 @@ fn conv2d_with(
 /// and residual, and one split over K) and errors unless they agree (relative L2 ≤ 1e-2, all
 /// finite): the CUDA backend uses the wgmma kernel only after this passed on its device.
 pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<()> {
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut random = |shape: &[usize], scale: f32| -> Result<CudaTensor> {
-        let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect();
-        be.upload(&HostTensor::new(shape.to_vec(), data)?)
-    };
+    let mut random = RandomTensors::new(be, 0x2545_f491_4f6c_dd1d);
     // (x, C_out): 2 × 9 × 7 × 64 → 72 (m and n edges); 1 × 4 × 4 × 512 → 64 (split over K).
     for (x_shape, c_out) in [([2, 9, 7, 64], 72), ([1, 4, 4, 512], 64)] {
         let c_in = x_shape[3];
-        let x = random(&x_shape, 1.0)?;
-        let w = random(&[c_out, 3, 3, c_in], 1.0 / (9.0 * c_in as f32).sqrt())?;
-        let b = random(&[c_out], 0.5)?;
-        let r = random(&[x_shape[0], x_shape[1], x_shape[2], c_out], 1.0)?;
-        let run = |igemm: &ImplicitGemm| -> Result<Vec<f32>> {
-            let y = conv2d_with(be, igemm, &x, &w, Some(&b), 1, 1, Some(&r))?;
-            Ok(be.download(&y)?.data)
-        };
+        let x = random.tensor(&x_shape, 1.0)?;
+        let w = random.tensor(&[c_out, 3, 3, c_in], 1.0 / (9.0 * c_in as f32).sqrt())?;
+        let b = random.tensor(&[c_out], 0.5)?;
+        let r = random.tensor(&[x_shape[0], x_shape[1], x_shape[2], c_out], 1.0)?;
+        let run = |igemm| conv2d_with(be, igemm, &x, &w, Some(&b), 1, 1, Some(&r));
         let (want, got) = (run(&IGEMM)?, run(&IGEMM_SM90)?);
-        let (mut err2, mut ref2) = (0.0f64, 0.0f64);
-        for (&g, &w) in got.iter().zip(&want) {
-            if !g.is_finite() {
-                return Err(Error::Backend(format!(
-                    "non-finite output for x {x_shape:?} → {c_out}"
-                )));
-            }
-            err2 += ((g - w) as f64).powi(2);
-            ref2 += (w as f64).powi(2);
-        }
-        let rel = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
-        if rel > 1e-2 {
-            return Err(Error::Backend(format!(
-                "relative L2 error {rel:.3e} against the portable kernel for x {x_shape:?} → {c_out}"
-            )));
-        }
+        agree(
+            be,
+            &got,
+            &want,
+            &format!("x {x_shape:?} → {c_out} channels"),
+        )?;
     }
     Ok(())
 }

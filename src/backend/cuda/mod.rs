@@ -8,6 +8,7 @@
 //!   the bindgen structs of `kernels/params.h`, the launch helpers), and one file per op family
 //!   holding the typed wrapper of each kernel: `elementwise.rs`, `norm.rs`, `attention.rs`,
 //!   `conv.rs`, `linear.rs`; `graphs.rs` records and replays CUDA graphs (`run_recorded`);
+//!   `self_check.rs` holds what the wgmma kernels' start-up checks share;
 //! - without (`no_kernels.rs`): the same public API, but [`CudaBackend::new`] always returns an
 //!   error that says why the kernels are missing and [`cuda_available`] is false.
 //!
@@ -32,6 +33,8 @@ mod linear;
 mod no_kernels;
 #[cfg(sd21_kernels)]
 mod norm;
+#[cfg(sd21_kernels)]
+mod self_check;
 
 #[cfg(sd21_kernels)]
 pub use backend::{CudaBackend, CudaTensor};
