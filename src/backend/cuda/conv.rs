@@ -7,7 +7,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::params::ConvParams;
-use super::kernels::{launch_error, to_i32};
+use super::kernels::{launch_error, per_element_config, to_i32};
 use super::self_check::{agree, RandomTensors};
 use crate::{Error, Result};
 
@@ -205,11 +205,7 @@ fn conv2d_with(
         be.after_launch(kernel)?;
         if splits > 1 {
             let kernel = "conv2d_splitk_reduce";
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(256).min(1 << 20) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = per_element_config(n);
             let mut launch = be.stream.launch_builder(be.kernels.get(kernel)?);
             launch
                 .arg(&partial)
@@ -229,11 +225,7 @@ fn conv2d_with(
 
     // The direct kernel: anything else.
     let kernel = "conv2d_direct";
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256).min(1 << 20) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = per_element_config(n);
     let mut launch = be.stream.launch_builder(be.kernels.get(kernel)?);
     launch
         .arg(x.data.as_ref())

@@ -251,6 +251,12 @@ pub(super) fn chunked_config(n: usize) -> LaunchConfig {
     }
 }
 
+/// Launch configuration for kernels with one thread per output element (grid-stride beyond 2^20
+/// blocks): the direct convolution and the split-K reduce.
+pub(super) fn per_element_config(n: usize) -> LaunchConfig {
+    chunked_config(n.saturating_mul(8))
+}
+
 /// `usize` → the kernel's `int`, or an error naming what overflowed.
 pub(super) fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
