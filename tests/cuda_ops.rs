@@ -1,5 +1,8 @@
 //! Every CUDA op against the CPU backend (the numerical reference), at SD 2.1 shapes and awkward
-//! ones, plus the tiny fixture pipeline end to end on CUDA vs CPU.
+//! ones, plus the tiny fixture pipeline end to end on CUDA vs CPU. On a Hopper GPU the wgmma
+//! convolution and attention (the shared backend's default there) and the portable mma.sync
+//! kernels (on a second backend) both run, and the wgmma kernels must have passed their start-up
+//! checks; the UNet replayed as a CUDA graph must equal it run op by op.
 //!
 //! - Inputs: fresh random values from a seeded xorshift PRNG (never zeros), rounded to f16 so
 //!   both backends see exactly the same numbers and only the computation is compared.
