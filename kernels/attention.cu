@@ -58,18 +58,12 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)  // ≤ 128 register
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;  // mma fragment row group and column pair
-    const int q0 = blockIdx.x * FA_BQ;
-    const int b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
-    const long long row_stride = (long long)p.heads * FA_D;
-    const __half *qb = q + (long long)b * p.q_len * row_stride + h * FA_D;
-    const __half *kb = k + (long long)b * p.kv_len * row_stride + h * FA_D;
-    const __half *vb = v + (long long)b * p.kv_len * row_stride + h * FA_D;
-    __half *ob = out + (long long)b * p.q_len * row_stride + h * FA_D;
-
-    // Keys this block needs: all, or (causal) up to its last query.
-    int kv_end = p.kv_len;
-    if (p.causal) kv_end = min(kv_end, min(q0 + FA_BQ, p.q_len));
-    const int tiles = (kv_end + FA_BK - 1) / FA_BK;
+    // This block's head slices, first query and key-tile count (attention_common.cuh).
+    const FaBlock blk = fa_block(q, k, v, out, p);
+    const long long row_stride = blk.row_stride;
+    const __half *qb = blk.q, *kb = blk.k, *vb = blk.v;
+    __half *ob = blk.out;
+    const int q0 = blk.q0, tiles = blk.tiles;
 
     fa_load_tile(sq, qb, row_stride, q0, p.q_len);
     fa_load_tile(sk[0], kb, row_stride, 0, p.kv_len);

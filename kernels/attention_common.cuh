@@ -10,6 +10,32 @@
 
 namespace sd21 {
 
+// What one flash block (grid (⌈Nq/64⌉, B·H), 64 queries, head dim 64) works on: its head's
+// slices of q, k, v and out (row stride H·64 halves), its first query, and how many 64-key tiles
+// it needs (all keys, or with `causal` only up to its last query).
+struct FaBlock {
+    long long row_stride;
+    const __half *q, *k, *v;
+    __half *out;
+    int q0, tiles;
+};
+
+SD21_DEV FaBlock fa_block(const __half *q, const __half *k, const __half *v, __half *out,
+                          const AttentionParams &p) {
+    const int b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+    const long long row_stride = (long long)p.heads * 64;
+    const int q0 = blockIdx.x * 64;
+    int kv_end = p.kv_len;
+    if (p.causal) kv_end = min(kv_end, min(q0 + 64, p.q_len));
+    return {row_stride,
+            q + (long long)b * p.q_len * row_stride + h * 64,
+            k + (long long)b * p.kv_len * row_stride + h * 64,
+            v + (long long)b * p.kv_len * row_stride + h * 64,
+            out + (long long)b * p.q_len * row_stride + h * 64,
+            q0,
+            (kv_end + 63) / 64};
+}
+
 // Scores of keys kv0.. into log2 units (× scale_log2); keys ≥ kv_len, and with `causal` keys
 // after the query (query row of element e: q_row0 + g + 8(e/2)), become −∞.
 template <typename SAt>
