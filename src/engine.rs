@@ -543,7 +543,8 @@ fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
             Ok(Err(Error::Cancelled)) => {
                 Err(stop_reason(Instant::now()).unwrap_or(JobError::Cancelled))
             }
-            Ok(Err(Error::InvalidArgument(message))) => Err(JobError::Invalid(message)),
+            Ok(Err(Error::InvalidRequest(message))) => Err(JobError::Invalid(message)),
+            Ok(Err(e @ Error::TooLarge { .. })) => Err(JobError::Invalid(e.to_string())),
             Ok(Err(e)) => Err(JobError::Failed(e.to_string())),
             Err(panic) => Err(JobError::Panicked(panic_message(panic.as_ref()))),
         }

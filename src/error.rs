@@ -42,10 +42,24 @@ pub enum Error {
     Config(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// An op was given tensors whose shapes break its contract: a bug in the caller.
     #[error("shape mismatch in {op}: {message}")]
     Shape { op: &'static str, message: String },
+    /// An op was given a scalar argument outside its contract (stride 0, a bad eps): a bug.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The request asks for what the model or its scheduler cannot do (too many steps, a size
+    /// that is not a multiple of the latent factor, an unknown scheduler): the client's fault.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The work exceeds a kernel's or the device's limit (an output too large to index or
+    /// allocate): the client's limit, to be answered with the limit.
+    #[error("{op}: {message}")]
+    TooLarge { op: &'static str, message: String },
+    /// The device ran out of memory: waiting for other work to finish may help.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// The device or its driver failed.
     #[error("backend error: {0}")]
     Backend(String),
     #[error("cancelled")]
@@ -56,12 +70,55 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Whose fault an error is: the one place that tells a client's mistake from a bug or a busy
+/// device (the server maps each to one HTTP status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request asked for something invalid or beyond a limit (422).
+    Client,
+    /// The device is out of memory or failed; retrying later may work (503).
+    Unavailable,
+    /// A broken invariant, model file or configuration: a bug to log (500).
+    Bug,
+    /// The work was cancelled on purpose.
+    Cancelled,
+}
+
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// Whose fault this error is.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::InvalidRequest(_) | Error::TooLarge { .. } => Fault::Client,
+            Error::OutOfMemory(_) | Error::Backend(_) => Fault::Unavailable,
+            Error::Cancelled => Fault::Cancelled,
+            Error::Io { .. }
+            | Error::MissingFile { .. }
+            | Error::Json { .. }
+            | Error::SafeTensors { .. }
+            | Error::MissingTensor { .. }
+            | Error::TensorShape { .. }
+            | Error::TensorDtype { .. }
+            | Error::Config(_)
+            | Error::Tokenizer(_)
+            | Error::Shape { .. }
+            | Error::InvalidArgument(_)
+            | Error::Image(_) => Fault::Bug,
+        }
+    }
+
+    /// A work size beyond what `op` can index or allocate.
+    pub fn too_large(op: &'static str, message: impl Into<String>) -> Self {
+        Error::TooLarge {
+            op,
+            message: message.into(),
         }
     }
 

@@ -216,16 +216,16 @@ impl<B: Backend> Pipeline<B> {
             || !request.width.is_multiple_of(f)
             || !request.height.is_multiple_of(f)
         {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidRequest(format!(
                 "width and height must be positive multiples of {f}, got {}×{}",
                 request.width, request.height
             )));
         }
         if request.steps == 0 {
-            return Err(Error::InvalidArgument("steps must be at least 1".into()));
+            return Err(Error::InvalidRequest("steps must be at least 1".into()));
         }
         if !request.cfg_scale.is_finite() {
-            return Err(Error::InvalidArgument(
+            return Err(Error::InvalidRequest(
                 "cfg_scale must be a finite number".into(),
             ));
         }

@@ -43,7 +43,7 @@ impl FromStr for Device {
                 .and_then(|n| n.parse::<usize>().ok())
                 .map(Device::Cuda)
                 .ok_or_else(|| {
-                    Error::InvalidArgument(format!(
+                    Error::InvalidRequest(format!(
                         "unknown device `{s}`: expected auto, cpu, cuda or cuda:N"
                     ))
                 }),

@@ -43,7 +43,7 @@ impl Ddim {
         let offset = config.steps_offset.unwrap_or(0) as i64;
         let timesteps = ddim_timesteps(spacing, num_train, steps, offset);
         if let Some(&t) = timesteps.iter().find(|&&t| t < 0 || t >= num_train as i64) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidRequest(format!(
                 "DDIM: {steps} steps with timestep_spacing {spacing:?} and steps_offset {offset} give \
                  timestep {t}, outside 0..{num_train} (diffusers would index out of range); choose another step count"
             )));

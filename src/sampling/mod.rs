@@ -62,7 +62,7 @@ impl SchedulerKind {
             .find(|k| k.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-                Error::InvalidArgument(format!(
+                Error::InvalidRequest(format!(
                     "unknown scheduler \"{s}\" (valid: {})",
                     names.join(", ")
                 ))
@@ -181,7 +181,7 @@ pub fn build_scheduler(
 ) -> Result<Box<dyn Scheduler>> {
     let num_train = schedule::num_train_timesteps(config)?;
     if steps == 0 || steps > num_train {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::InvalidRequest(format!(
             "steps must be between 1 and {num_train} (the scheduler's num_train_timesteps), got {steps}"
         )));
     }

@@ -80,7 +80,7 @@ impl Pndm {
             (Vec::new(), plms)
         } else {
             if n < PNDM_ORDER {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::InvalidRequest(format!(
                     "PNDM: the Runge–Kutta warm-up (skip_prk_steps false) needs at least {PNDM_ORDER} steps, got {steps}"
                 )));
             }
@@ -103,7 +103,7 @@ impl Pndm {
             .copied()
             .collect();
         if let Some(&t) = timesteps.iter().find(|&&t| t < 0 || t >= num_train as i64) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidRequest(format!(
                 "PNDM: {steps} steps with timestep_spacing {spacing:?} and steps_offset {offset} give \
                  timestep {t}, outside 0..{num_train} (diffusers would index out of range); choose another step count"
             )));
