@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::oneshot;
 
+use crate::error::Fault;
 use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator};
 use crate::sampling::SchedulerKind;
 use crate::Error;
@@ -116,6 +117,10 @@ pub enum JobError {
     ShuttingDown,
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The device ran out of memory or failed; retrying later may work.
+    #[error("the device is unavailable: {0}")]
+    Unavailable(String),
+    /// A bug: a broken invariant, model file or configuration.
     #[error("generation failed: {0}")]
     Failed(String),
     #[error("generation failed (internal panic: {0})")]
@@ -132,6 +137,7 @@ impl JobError {
             JobError::DeadlineExceeded(_) => "deadline",
             JobError::ShuttingDown => "shutdown",
             JobError::Invalid(_) => "invalid",
+            JobError::Unavailable(_) => "unavailable",
             JobError::Failed(_) => "failed",
             JobError::Panicked(_) => "panicked",
             JobError::EngineStopped => "stopped",
@@ -461,7 +467,7 @@ fn start_up(shared: &Shared, load: Loader) -> Result<Box<dyn ImageGenerator>, St
     match result {
         Ok(Ok(_)) => {}
         Ok(Err(Error::Cancelled)) => return Err(StartupError::WarmUp(JobError::ShuttingDown)),
-        Ok(Err(e)) => return Err(StartupError::WarmUp(JobError::Failed(e.to_string()))),
+        Ok(Err(e)) => return Err(StartupError::WarmUp(job_error(e))),
         Err(panic) => {
             return Err(StartupError::WarmUp(JobError::Panicked(panic_message(
                 panic.as_ref(),
@@ -543,9 +549,7 @@ fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
             Ok(Err(Error::Cancelled)) => {
                 Err(stop_reason(Instant::now()).unwrap_or(JobError::Cancelled))
             }
-            Ok(Err(Error::InvalidRequest(message))) => Err(JobError::Invalid(message)),
-            Ok(Err(e @ Error::TooLarge { .. })) => Err(JobError::Invalid(e.to_string())),
-            Ok(Err(e)) => Err(JobError::Failed(e.to_string())),
+            Ok(Err(e)) => Err(job_error(e)),
             Err(panic) => Err(JobError::Panicked(panic_message(panic.as_ref()))),
         }
     };
@@ -565,6 +569,23 @@ fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
     }
     // The receiver is gone when the client went away; nothing to tell then.
     let _ = job.reply.send(result);
+}
+
+/// A generation error as the job's outcome, by whose fault it is. The error's source chain
+/// is logged here, since the job error keeps only its message.
+fn job_error(e: Error) -> JobError {
+    match e.fault() {
+        Fault::Client => match e {
+            Error::InvalidRequest(message) => JobError::Invalid(message),
+            other => JobError::Invalid(other.to_string()),
+        },
+        Fault::Unavailable => JobError::Unavailable(e.to_string()),
+        Fault::Cancelled => JobError::Cancelled,
+        Fault::Bug => {
+            tracing::error!(error = ?e, "generation failed (a bug)");
+            JobError::Failed(e.to_string())
+        }
+    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -717,7 +738,10 @@ mod tests {
                 .expect("admitted")
                 .wait(),
         );
-        assert!(matches!(oom, Err(JobError::Failed(ref m)) if m.contains("out of memory")));
+        assert!(
+            matches!(oom, Err(JobError::Unavailable(ref m)) if m.contains("out of memory")),
+            "{oom:?}"
+        );
         let panicked = rt.block_on(
             engine
                 .submit(request("panic"), None)

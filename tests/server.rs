@@ -1082,7 +1082,7 @@ mod failing_model {
     }
 
     #[test]
-    fn failed_and_panicking_jobs_answer_503_and_the_server_keeps_serving() {
+    fn a_device_failure_is_503_a_panic_500_and_the_server_keeps_serving() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -1101,11 +1101,17 @@ mod failing_model {
             assert!(Instant::now() < end, "never ready");
             std::thread::sleep(Duration::from_millis(20));
         }
-        for prompt in ["oom", "panic", "oom"] {
+        // Out of memory is the device's state (503, retry later); a panic is a bug (500).
+        for (prompt, status, says, retry_after) in [
+            ("oom", 503, "unavailable", Some("5")),
+            ("panic", 500, "generation failed", None),
+            ("oom", 503, "unavailable", Some("5")),
+        ] {
             let reply = generate(addr, None, &json!({"prompt": prompt, "steps": 2}));
-            assert_eq!(reply.status, 503, "{prompt}: {}", reply.text());
+            assert_eq!(reply.status, status, "{prompt}: {}", reply.text());
+            assert_eq!(reply.header("retry-after"), retry_after, "{prompt}");
             let error = reply.json()["error"].as_str().unwrap_or("").to_string();
-            assert!(error.contains("generation failed"), "{prompt}: {error}");
+            assert!(error.contains(says), "{prompt}: {error}");
         }
         let reply = generate(
             addr,
@@ -1116,7 +1122,7 @@ mod failing_model {
         assert_eq!(reply.json()["parameters"]["scheduler"], "euler_a");
         let metrics = get(addr, "/metrics", &[]).text();
         assert_eq!(
-            metric(&metrics, "sd21_jobs_total{outcome=\"failed\"}"),
+            metric(&metrics, "sd21_jobs_total{outcome=\"unavailable\"}"),
             2.0,
             "{metrics}"
         );
@@ -1127,7 +1133,12 @@ mod failing_model {
         );
         assert_eq!(
             metric(&metrics, "sd21_requests_total{status=\"503\"}"),
-            3.0,
+            2.0,
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(&metrics, "sd21_requests_total{status=\"500\"}"),
+            1.0,
             "{metrics}"
         );
 

@@ -233,10 +233,10 @@ impl ApiResponse for ApiError {
                     false,
                 ),
                 error(429, "The queue is full; retry after Retry-After seconds.", true),
-                error(500, "A bug in the server.", false),
+                error(500, "A bug in the server (the generation failed or panicked); logged with its cause.", false),
                 error(
                     503,
-                    "Not ready yet (Retry-After), shutting down, past the request deadline, or the generation failed (e.g. out of memory).",
+                    "Not ready yet or the device is out of memory or failed (both with Retry-After), shutting down, or past the request deadline.",
                     true,
                 ),
             ],

@@ -201,11 +201,12 @@ impl ApiError {
                 JobError::Cancelled
                 | JobError::DeadlineExceeded(_)
                 | JobError::ShuttingDown
-                | JobError::Failed(_)
-                | JobError::Panicked(_)
+                | JobError::Unavailable(_)
                 | JobError::EngineStopped,
             ) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Job(JobError::Failed(_) | JobError::Panicked(_)) | ApiError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::Http { status, .. } => *status,
         }
     }
@@ -221,9 +222,8 @@ impl ApiError {
     /// Seconds for `Retry-After`, when waiting may help.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::Rejected(SubmitError::QueueFull { .. } | SubmitError::NotReady) => {
-                Some(RETRY_AFTER_SECONDS)
-            }
+            ApiError::Rejected(SubmitError::QueueFull { .. } | SubmitError::NotReady)
+            | ApiError::Job(JobError::Unavailable(_)) => Some(RETRY_AFTER_SECONDS),
             _ => None,
         }
     }
@@ -732,8 +732,15 @@ mod tests {
             ),
             (ApiError::Rejected(SubmitError::NotReady), 503),
             (ApiError::Rejected(SubmitError::ShuttingDown), 503),
-            (ApiError::Job(JobError::Failed("out of memory".into())), 503),
-            (ApiError::Job(JobError::Panicked("boom".into())), 503),
+            (
+                ApiError::Job(JobError::Unavailable("out of memory".into())),
+                503,
+            ),
+            (
+                ApiError::Job(JobError::Failed("shape mismatch".into())),
+                500,
+            ),
+            (ApiError::Job(JobError::Panicked("boom".into())), 500),
             (
                 ApiError::Job(JobError::DeadlineExceeded(std::time::Duration::from_secs(
                     1,
@@ -749,6 +756,14 @@ mod tests {
         assert_eq!(
             ApiError::Rejected(SubmitError::QueueFull { capacity: 1 }).retry_after(),
             Some(5)
+        );
+        assert_eq!(
+            ApiError::Job(JobError::Unavailable("out of memory".into())).retry_after(),
+            Some(5)
+        );
+        assert_eq!(
+            ApiError::Job(JobError::Panicked("boom".into())).retry_after(),
+            None
         );
     }
 }

@@ -88,7 +88,7 @@ fn output_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
             n.checked_mul(std::mem::size_of::<f32>())
                 .is_some_and(|b| b <= isize::MAX as usize)
         })
-        .ok_or_else(|| Error::InvalidArgument(format!("{op}: output {shape:?} is too large")))
+        .ok_or_else(|| Error::too_large(op, format!("output {shape:?} is too large")))
 }
 
 /// `[.., C]` → `(rows, C)`; a 0-dimensional tensor is an error.

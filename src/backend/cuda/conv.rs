@@ -134,7 +134,7 @@ fn conv2d_with(
     let m = b * out_h * out_w;
     let n = m
         .checked_mul(c_out)
-        .ok_or_else(|| Error::InvalidArgument(format!("{OP}: output {shape:?} is too large")))?;
+        .ok_or_else(|| Error::too_large(OP, format!("output {shape:?} is too large")))?;
     let mut out = be.alloc_f16(OP, n)?;
     if n == 0 {
         return Ok(CudaTensor::new(shape, out));
@@ -163,9 +163,10 @@ fn conv2d_with(
         let grid_m = m.div_ceil(TILE_M);
         let grid_n = c_out.div_ceil(TILE_N);
         if grid_m > i32::MAX as usize || grid_n > 65535 {
-            return Err(Error::InvalidArgument(format!(
-                "{OP}: output {shape:?} exceeds the grid limits"
-            )));
+            return Err(Error::too_large(
+                OP,
+                format!("output {shape:?} exceeds the grid limits"),
+            ));
         }
         let k_tiles = k.div_ceil(igemm.tile_k);
         let (splits, per_split) = split_k(grid_m * grid_n, k_tiles, be.kernels.sm_count);

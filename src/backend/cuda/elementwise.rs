@@ -270,7 +270,7 @@ pub(super) fn upsample_nearest(
     let n = b
         .checked_mul(out_h * out_w)
         .and_then(|v| v.checked_mul(c))
-        .ok_or_else(|| Error::InvalidArgument(format!("{OP}: output {shape:?} is too large")))?;
+        .ok_or_else(|| Error::too_large(OP, format!("output {shape:?} is too large")))?;
     let mut out = be.alloc_f16(OP, n)?;
     if n > 0 {
         let p = UpsampleParams {

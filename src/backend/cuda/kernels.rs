@@ -259,14 +259,12 @@ pub(super) fn per_element_config(n: usize) -> LaunchConfig {
 
 /// `usize` → the kernel's `int`, or an error naming what overflowed.
 pub(super) fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| {
-        Error::InvalidArgument(format!("{op}: {what} = {v} is too large for the kernel"))
-    })
+    i32::try_from(v)
+        .map_err(|_| Error::too_large(op, format!("{what} = {v} is too large for the kernel")))
 }
 
 /// `usize` → the kernel's `long long`.
 pub(super) fn to_i64(op: &'static str, what: &str, v: usize) -> Result<i64> {
-    i64::try_from(v).map_err(|_| {
-        Error::InvalidArgument(format!("{op}: {what} = {v} is too large for the kernel"))
-    })
+    i64::try_from(v)
+        .map_err(|_| Error::too_large(op, format!("{what} = {v} is too large for the kernel")))
 }

@@ -55,9 +55,8 @@ fn linear_shape(
     if let Some(last) = out_shape.last_mut() {
         *last = n;
     }
-    m.checked_mul(n).ok_or_else(|| {
-        Error::InvalidArgument(format!("{op}: output {out_shape:?} is too large"))
-    })?;
+    m.checked_mul(n)
+        .ok_or_else(|| Error::too_large(op, format!("output {out_shape:?} is too large")))?;
     Ok(LinearShape { m, k, n, out_shape })
 }
 
