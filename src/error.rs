@@ -56,10 +56,7 @@ pub enum Error {
     /// allocate): the client's limit, to be answered with the limit.
     #[error("{op}: {message}")]
     TooLarge { op: &'static str, message: String },
-    /// The device ran out of memory: waiting for other work to finish may help.
-    #[error("out of memory: {0}")]
-    OutOfMemory(String),
-    /// The device or its driver failed.
+    /// The device or its driver failed (out of memory among others): retrying later may work.
     #[error("backend error: {0}")]
     Backend(String),
     #[error("cancelled")]
@@ -71,7 +68,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Whose fault an error is: the one place that tells a client's mistake from a bug or a busy
-/// device (the server maps each to one HTTP status).
+/// device (the engine turns each into a job error with one HTTP status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// The request asked for something invalid or beyond a limit (422).
@@ -97,7 +94,7 @@ impl Error {
     pub fn fault(&self) -> Fault {
         match self {
             Error::InvalidRequest(_) | Error::TooLarge { .. } => Fault::Client,
-            Error::OutOfMemory(_) | Error::Backend(_) => Fault::Unavailable,
+            Error::Backend(_) => Fault::Unavailable,
             Error::Cancelled => Fault::Cancelled,
             Error::Io { .. }
             | Error::MissingFile { .. }
