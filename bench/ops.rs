@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use sd21::backend::Backend;
+use sd21::backend::{Activation, Backend, Mask};
+
+use crate::device::BenchDevice;
 use sd21::tensor::HostTensor;
 
 /// One op at one shape. Activations are NHWC / `[B, N, C]` as in the models.
@@ -25,7 +27,7 @@ pub enum OpCase {
         w: usize,
         c: usize,
         groups: usize,
-        silu: bool,
+        activation: Activation,
     },
     LayerNorm {
         rows: usize,
@@ -195,11 +197,11 @@ impl OpCase {
             }
             OpCase::Linear { .. } => backend.linear(&t[0], &t[1], Some(&t[2]))?,
             OpCase::Attention { heads, .. } => {
-                backend.attention(&t[0], &t[1], &t[2], heads, false)?
+                backend.attention(&t[0], &t[1], &t[2], heads, Mask::None)?
             }
-            OpCase::GroupNorm { groups, silu, .. } => {
-                backend.group_norm(&t[0], groups, &t[1], &t[2], 1e-5, silu)?
-            }
+            OpCase::GroupNorm {
+                groups, activation, ..
+            } => backend.group_norm(&t[0], groups, &t[1], &t[2], 1e-5, activation)?,
             OpCase::LayerNorm { .. } => backend.layer_norm(&t[0], &t[1], &t[2], 1e-5)?,
             OpCase::Geglu { .. } => backend.geglu(&t[0])?,
             OpCase::Upsample { h, w, .. } => backend.upsample_nearest(&t[0], 2 * h, 2 * w)?,
@@ -250,7 +252,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
                 w: side,
                 c,
                 groups: 32,
-                silu: true,
+                activation: Activation::Silu,
             },
         );
         if i < 3 {
@@ -384,7 +386,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
                 w: side,
                 c,
                 groups: 32,
-                silu: true,
+                activation: Activation::Silu,
             },
         );
     }
@@ -433,7 +435,7 @@ pub fn smoke_cases() -> Vec<Case> {
                 w: 16,
                 c: 32,
                 groups: 8,
-                silu: true,
+                activation: Activation::Silu,
             },
         },
         Case {
@@ -492,7 +494,7 @@ pub fn median(mut samples: Vec<f64>) -> f64 {
 
 /// Times `case` on `backend`: warm-up runs, then the median of `repeats` timed runs, rotating
 /// through `input_sets` different inputs so caches do not flatter.
-pub fn time_case<B: Backend>(
+pub fn time_case<B: BenchDevice>(
     backend: &B,
     op: &OpCase,
     repeats: usize,
@@ -589,7 +591,7 @@ mod tests {
             w: 2,
             c: 8,
             groups: 2,
-            silu: false,
+            activation: Activation::None,
         };
         assert_eq!(gn.bytes(2), ((64 + 16) * 2) as f64);
         let attn = OpCase::Attention {

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod engine;
+pub mod env;
 pub mod error;
 pub mod image_io;
 pub mod model;

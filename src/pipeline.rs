@@ -2,9 +2,8 @@
 //! decode → pixels. Latents stay on the host in NCHW order between steps, so the noise drawn for
 //! them is exactly what diffusers draws with the same seed.
 
-use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::CudaBackend;
-use crate::backend::{Backend, Device};
+use crate::backend::cuda::{CudaBackend, RecordingId};
+use crate::backend::{Backend, Device, OpenedBackend, RecordedFn};
 use crate::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
 use crate::image_io::RgbImage;
 use crate::model::{ClipTextModel, Unet, VaeDecoder};
@@ -67,9 +66,23 @@ pub struct ComponentSources<'a> {
     pub vae: &'a dyn TensorSource,
 }
 
+/// Runs one UNet evaluation (a pure function of its device inputs) through a backend that
+/// records: captured once and replayed on later steps (the CUDA backend's graphs).
+pub type UnetRecorder<B> = Box<
+    dyn Fn(
+            &B,
+            &[&<B as Backend>::Tensor],
+            &RecordedFn<'_, <B as Backend>::Tensor>,
+        ) -> Result<<B as Backend>::Tensor>
+        + Send
+        + Sync,
+>;
+
 /// A loaded Stable Diffusion 2.x model on one backend.
 pub struct Pipeline<B: Backend> {
     backend: B,
+    /// How UNet evaluations run: `None` op by op (every backend), else recorded and replayed.
+    unet_recorder: Option<UnetRecorder<B>>,
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel<B>,
     unet: Unet<B>,
@@ -135,12 +148,39 @@ impl<B: Backend> Pipeline<B> {
         let vae = VaeDecoder::load(&Loader::new(sources.vae, &backend), &vae_config)?;
         Ok(Pipeline {
             backend,
+            unet_recorder: None,
             tokenizer,
             text_encoder,
             unet,
             vae,
             scheduler_config,
             model_name,
+        })
+    }
+
+    /// Runs every UNet evaluation through `recorder` from now on.
+    pub fn with_unet_recorder(mut self, recorder: UnetRecorder<B>) -> Self {
+        self.unet_recorder = Some(recorder);
+        self
+    }
+
+    /// One guided UNet evaluation, through the recorder when there is one.
+    pub fn evaluate_unet(
+        &self,
+        sample: &B::Tensor,
+        timestep: f32,
+        context: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let b = &self.backend;
+        let t_proj = self.unet.time_projection(b, sample, timestep, context)?; // [rows, C0]
+        let Some(record) = &self.unet_recorder else {
+            return self.unet.forward_projected(b, sample, &t_proj, context);
+        };
+        record(b, &[sample, &t_proj, context], &|inputs| {
+            let [sample, t_proj, context] = inputs else {
+                return Err(Error::shape("unet", "expected 3 recorded inputs"));
+            };
+            self.unet.forward_projected(b, sample, t_proj, context)
         })
     }
 
@@ -285,7 +325,7 @@ impl<B: Backend> Pipeline<B> {
             let mut input = latents.repeat(rows); // [rows, C, h, w]
             scheduler.scale_model_input(&mut input, i);
             let input = HostTensor::new(vec![rows, c, h, w], input)?.nchw_to_nhwc()?; // [rows, h, w, C]
-            let out = self.unet.forward(b, &b.upload(&input)?, t, context)?; // [rows, h, w, C]
+            let out = self.evaluate_unet(&b.upload(&input)?, t, context)?; // [rows, h, w, C]
             let out = b.download(&out)?.nhwc_to_nchw()?.data; // [rows, C, h, w]
             let n = c * h * w;
             let guided: Vec<f32> = if guidance {
@@ -334,28 +374,28 @@ impl<B: Backend> Pipeline<B> {
     }
 }
 
-/// Loads the model on `device` (`auto` resolved by [`Device::resolve`]). Under `auto`, a GPU
-/// that is present but cannot be started (e.g. cuBLAS missing) is logged and the CPU is used; an
-/// explicit `cuda[:N]` that cannot be started is an error.
+/// Loads the model on the backend [`Device::open`] starts for `device`. On the CUDA backend,
+/// SD21_CUDA_GRAPHS=1 runs the UNet through [`CudaBackend::run_recorded`] (CUDA graphs; off by
+/// default until they have been measured on a GPU).
 pub fn load_on_device(files: &ModelFiles, device: Device) -> Result<Box<dyn ImageGenerator>> {
-    let cuda = match device.resolve() {
-        Device::Cuda(ordinal) => match CudaBackend::new(ordinal) {
-            Ok(backend) => Some(backend),
-            Err(err) if device == Device::Auto => {
-                tracing::warn!(%err, "a GPU is present but CUDA could not start; using the CPU");
-                None
-            }
-            Err(err) => return Err(err),
-        },
-        Device::Auto | Device::Cpu => None,
-    };
-    Ok(match cuda {
-        Some(backend) => {
+    Ok(match device.open()? {
+        OpenedBackend::Cpu(backend) => Box::new(Pipeline::load(files, backend)?),
+        OpenedBackend::Cuda(backend) => {
             tracing::info!(device = %backend.describe(), "loading the model on the GPU");
-            Box::new(Pipeline::load(files, backend)?)
+            let pipeline = Pipeline::load(files, *backend)?;
+            if crate::env::flag("SD21_CUDA_GRAPHS") == Some(true) {
+                Box::new(pipeline.with_unet_recorder(cuda_graphs()))
+            } else {
+                Box::new(pipeline)
+            }
         }
-        None => Box::new(Pipeline::load(files, CpuBackend::new())?),
     })
+}
+
+/// The UNet recorder of the CUDA backend: one new recording for this pipeline's UNet.
+pub fn cuda_graphs() -> UnetRecorder<CudaBackend> {
+    let recording = RecordingId::new();
+    Box::new(move |backend: &CudaBackend, inputs, f| backend.run_recorded(recording, inputs, f))
 }
 
 /// A loaded model on some backend, as the engine and the CLI see it (the backend's type erased).

@@ -21,8 +21,8 @@ use std::sync::OnceLock;
 
 use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::{cuda_available, kernel_build_info, CudaBackend};
-use sd21::backend::Backend;
-use sd21::pipeline::{GenerationRequest, Pipeline};
+use sd21::backend::{Activation, Backend, Mask, Tensor};
+use sd21::pipeline::{cuda_graphs, GenerationRequest, Pipeline};
 use sd21::sampling::SchedulerKind;
 use sd21::tensor::HostTensor;
 use sd21::weights::ModelFiles;
@@ -172,7 +172,7 @@ fn upload_download_reshape_roundtrip() {
     for shape in [vec![2, 3, 5], vec![7], vec![1, 9, 8]] {
         let host = rng.tensor(&shape, 3.0);
         let t = g.upload(&host).unwrap();
-        assert_eq!(g.shape(&t), shape.as_slice());
+        assert_eq!(t.shape(), shape.as_slice());
         // f16-representable values survive the round trip exactly.
         assert_eq!(g.download(&t).unwrap(), host, "{shape:?}");
         let flat = g.reshape(&t, &[host.numel()]).unwrap();
@@ -196,7 +196,7 @@ fn shape_errors_are_errors_not_panics() {
         .concat_channels(&a, &g.reshape(&b, &[3, 2, 5]).unwrap())
         .is_err());
     assert!(
-        g.attention(&a, &a, &a, 3, false).is_err(),
+        g.attention(&a, &a, &a, 3, Mask::None).is_err(),
         "4 channels, 3 heads"
     );
     let w = g.upload(&rng.tensor(&[8, 3, 3, 5], 1.0)).unwrap();
@@ -208,7 +208,9 @@ fn shape_errors_are_errors_not_panics() {
     let table = g.upload(&rng.tensor(&[10, 4], 1.0)).unwrap();
     assert!(g.embedding(&[3, 10], &table).is_err(), "id out of range");
     let gamma = g.upload(&rng.tensor(&[4], 1.0)).unwrap();
-    assert!(g.group_norm(&a, 3, &gamma, &gamma, 1e-5, false).is_err());
+    assert!(g
+        .group_norm(&a, 3, &gamma, &gamma, 1e-5, Activation::None)
+        .is_err());
 }
 
 // ------------------------------------------------------------------ linear
@@ -403,26 +405,26 @@ fn conv_awkward_shapes(g: &CudaBackend) {
 fn group_norm_matches_cpu() {
     let g = gpu_or_skip!();
     let mut rng = Rng::new(6);
-    // (x shape, groups, silu, mean offset)
-    let cases: [(&[usize], usize, bool, f32); 7] = [
-        (&[2, 64, 64, 640], 32, true, 0.0), // SD 2.1 up block
-        (&[2, 64, 64, 320], 32, false, 0.0),
-        (&[1, 7, 5, 96], 32, false, 0.0),    // odd spatial
-        (&[2, 77, 64], 8, true, 0.0),        // one spatial dim
-        (&[2, 4, 4, 2560], 32, true, 0.0),   // more than 256 vectors per row
-        (&[1, 3, 3, 30], 3, true, 0.0),      // C % 8 ≠ 0
-        (&[2, 16, 16, 64], 32, false, 20.0), // |mean| ≫ std
+    // (x shape, groups, activation, mean offset)
+    let cases: [(&[usize], usize, Activation, f32); 7] = [
+        (&[2, 64, 64, 640], 32, Activation::Silu, 0.0), // SD 2.1 up block
+        (&[2, 64, 64, 320], 32, Activation::None, 0.0),
+        (&[1, 7, 5, 96], 32, Activation::None, 0.0), // odd spatial
+        (&[2, 77, 64], 8, Activation::Silu, 0.0),    // one spatial dim
+        (&[2, 4, 4, 2560], 32, Activation::Silu, 0.0), // more than 256 vectors per row
+        (&[1, 3, 3, 30], 3, Activation::Silu, 0.0),  // C % 8 ≠ 0
+        (&[2, 16, 16, 64], 32, Activation::None, 20.0), // |mean| ≫ std
     ];
-    for (shape, groups, silu, offset) in cases {
+    for (shape, groups, activation, offset) in cases {
         let c = *shape.last().unwrap();
         let x = rng.tensor_at(shape, offset, 1.0);
         let gamma = rng.tensor_at(&[c], 1.0, 0.5);
         let beta = rng.tensor(&[c], 0.5);
         compare!(
-            format!("group_norm {shape:?}/{groups} silu={silu} offset={offset}"),
+            format!("group_norm {shape:?}/{groups} {activation:?} offset={offset}"),
             g,
             [x = x, gm = gamma, bt = beta],
-            |be| be.group_norm(&x, groups, &gm, &bt, 1e-5, silu)
+            |be| be.group_norm(&x, groups, &gm, &bt, 1e-5, activation)
         );
     }
 }
@@ -457,65 +459,65 @@ fn layer_norm_matches_cpu() {
 fn attention_case(
     g: &CudaBackend,
     rng: &mut Rng,
-    (b, nq, nk, heads, d, causal): (usize, usize, usize, usize, usize, bool),
+    (b, nq, nk, heads, d, mask): (usize, usize, usize, usize, usize, Mask),
 ) {
     // q scaled up so the softmax is peaked, not nearly uniform.
     let q = rng.tensor(&[b, nq, heads * d], 2.0);
     let k = rng.tensor(&[b, nk, heads * d], 1.0);
     let v = rng.tensor(&[b, nk, heads * d], 1.0);
     compare!(
-        format!("attention b{b} nq{nq} nk{nk} h{heads} d{d} causal={causal}"),
+        format!("attention b{b} nq{nq} nk{nk} h{heads} d{d} {mask:?}"),
         g,
         [q = q, k = k, v = v],
-        |be| be.attention(&q, &k, &v, heads, causal)
+        |be| be.attention(&q, &k, &v, heads, mask)
     );
 }
 
 #[test]
 fn attention_sd_self_attention() {
     let g = gpu_or_skip!();
-    attention_case(g, &mut Rng::new(8), (2, 4096, 4096, 5, 64, false));
+    attention_case(g, &mut Rng::new(8), (2, 4096, 4096, 5, 64, Mask::None));
 }
 
 #[test]
 fn attention_sd_cross_attention_77_keys() {
     let g = gpu_or_skip!();
-    attention_case(g, &mut Rng::new(9), (2, 4096, 77, 5, 64, false));
+    attention_case(g, &mut Rng::new(9), (2, 4096, 77, 5, 64, Mask::None));
 }
 
 #[test]
 fn attention_vae_single_head_512() {
     let g = gpu_or_skip!();
-    attention_case(g, &mut Rng::new(10), (1, 4096, 4096, 1, 512, false));
+    attention_case(g, &mut Rng::new(10), (1, 4096, 4096, 1, 512, Mask::None));
 }
 
 #[test]
 fn attention_clip_causal() {
     let g = gpu_or_skip!();
-    attention_case(g, &mut Rng::new(11), (2, 77, 77, 16, 64, true));
+    attention_case(g, &mut Rng::new(11), (2, 77, 77, 16, 64, Mask::Causal));
 }
 
 #[test]
 fn attention_768_model_9216_tokens() {
     let g = gpu_or_skip!();
-    attention_case(g, &mut Rng::new(12), (1, 9216, 9216, 5, 64, false));
+    attention_case(g, &mut Rng::new(12), (1, 9216, 9216, 5, 64, Mask::None));
 }
 
 #[test]
 fn attention_awkward_shapes() {
     let g = gpu_or_skip!();
     let mut rng = Rng::new(13);
-    // (b, nq, nk, heads, d, causal)
+    // (b, nq, nk, heads, d, mask)
     let cases = [
-        (2, 33, 77, 2, 8, false),   // the tiny model's head dim
-        (1, 77, 77, 4, 8, true),    // tiny CLIP
-        (1, 100, 37, 3, 64, false), // partial tiles on both sides
-        (1, 1, 1, 1, 64, false),
-        (2, 130, 130, 2, 64, true), // causal over three query tiles
-        (1, 50, 61, 2, 40, false),  // generic, 2 dims per lane
-        (1, 20, 45, 2, 160, false), // generic, 8 dims per lane
-        (1, 17, 300, 1, 100, true), // generic, 4 per lane, causal with more keys than queries
-        (2, 64, 64, 1, 512, false), // VAE-like, batch 2
+        (2, 33, 77, 2, 8, Mask::None),   // the tiny model's head dim
+        (1, 77, 77, 4, 8, Mask::Causal), // tiny CLIP
+        (1, 100, 37, 3, 64, Mask::None), // partial tiles on both sides
+        (1, 1, 1, 1, 64, Mask::None),
+        (2, 130, 130, 2, 64, Mask::Causal), // causal over three query tiles
+        (1, 50, 61, 2, 40, Mask::None),     // generic, 2 dims per lane
+        (1, 20, 45, 2, 160, Mask::None),    // generic, 8 dims per lane
+        (1, 17, 300, 1, 100, Mask::Causal), // generic, 4 per lane, causal with more keys than queries
+        (2, 64, 64, 1, 512, Mask::None),    // VAE-like, batch 2
     ];
     for case in cases {
         attention_case(g, &mut rng, case);
@@ -551,12 +553,12 @@ fn attention_mma_sync_kernel_on_hopper_and_wgmma_active() {
     assert!(!portable.hopper_attention_active());
     let mut rng = Rng::new(14);
     for case in [
-        (2, 4096, 4096, 5, 64, false),
-        (2, 4096, 77, 5, 64, false),
-        (2, 77, 77, 16, 64, true),
-        (1, 100, 37, 3, 64, false),
-        (1, 1, 1, 1, 64, false),
-        (2, 130, 130, 2, 64, true),
+        (2, 4096, 4096, 5, 64, Mask::None),
+        (2, 4096, 77, 5, 64, Mask::None),
+        (2, 77, 77, 16, 64, Mask::Causal),
+        (1, 100, 37, 3, 64, Mask::None),
+        (1, 1, 1, 1, 64, Mask::None),
+        (2, 130, 130, 2, 64, Mask::Causal),
     ] {
         attention_case(&portable, &mut rng, case);
     }
@@ -728,7 +730,7 @@ fn tiny_pipeline_cuda_matches_cpu() {
     }
 }
 
-/// CUDA graphs (`Backend::run_recorded`, switched on with `set_recording`): the first UNet call
+/// CUDA graphs (`CudaBackend::run_recorded`, through the pipeline's recorder): the first UNet call
 /// per input shape runs op by op, the second records a graph and launches it, later ones replay
 /// it with new input values. Each must equal the op-by-op result for the same input (the last
 /// calls repeat earlier inputs, so a replay that kept stale inputs or outputs fails), the replays
@@ -782,11 +784,11 @@ fn unet_cuda_graph_replays_match_op_by_op() {
         .image
         .clone();
 
-    assert!(b.set_recording(true), "the CUDA backend records graphs");
+    let pipe = pipe.with_unet_recorder(cuda_graphs());
+    let b = pipe.backend();
     for (i, k) in [0usize, 1, 2, 0, 1].into_iter().enumerate() {
         let out = pipe
-            .unet()
-            .forward(b, &samples[k], timesteps[k], &context)
+            .evaluate_unet(&samples[k], timesteps[k], &context)
             .expect("unet with graphs");
         check(
             &format!("unet call {i} with graphs (input {k}) vs op by op"),

@@ -1,9 +1,19 @@
-//! `--device auto|cpu|cuda[:N]`: parsing the choice and resolving `auto` to what this machine has.
+//! `--device auto|cpu|cuda[:N]`: parsing the choice, resolving `auto` to what this machine has,
+//! and starting the chosen backend.
 
 use std::fmt;
 use std::str::FromStr;
 
+use super::cpu::CpuBackend;
+use super::cuda::CudaBackend;
 use crate::{Error, Result};
+
+/// A started backend, as [`Device::open`] chose it.
+pub enum OpenedBackend {
+    Cpu(CpuBackend),
+    /// Boxed: the CUDA backend holds its handles inline, the CPU backend is empty.
+    Cuda(Box<CudaBackend>),
+}
 
 /// Where the model runs, as a user names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -25,6 +35,23 @@ impl Device {
             Device::Auto if super::cuda::cuda_available() => Device::Cuda(0),
             Device::Auto => Device::Cpu,
             other => other,
+        }
+    }
+
+    /// Starts the backend for this choice (`auto` resolved by [`Device::resolve`]). Under `auto`,
+    /// a GPU that is present but cannot be started (e.g. cuBLAS missing) is logged and the CPU
+    /// is used; an explicit `cuda[:N]` that cannot be started is an error.
+    pub fn open(self) -> Result<OpenedBackend> {
+        let Device::Cuda(ordinal) = self.resolve() else {
+            return Ok(OpenedBackend::Cpu(CpuBackend::new()));
+        };
+        match CudaBackend::new(ordinal) {
+            Ok(backend) => Ok(OpenedBackend::Cuda(Box::new(backend))),
+            Err(err) if self == Device::Auto => {
+                tracing::warn!(%err, "a GPU is present but CUDA could not start; using the CPU");
+                Ok(OpenedBackend::Cpu(CpuBackend::new()))
+            }
+            Err(err) => Err(err),
         }
     }
 }

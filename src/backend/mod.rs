@@ -5,22 +5,27 @@
 //! Linear weights keep PyTorch's `[out, in]`; conv weights are OHWI `[C_out, kH, kW, C_in]`
 //! (converted from PyTorch's OIHW once, at load time).
 
+pub mod contract;
 pub mod cpu;
 pub mod cuda;
 mod device;
 
-pub use device::Device;
+pub use contract::{Activation, Mask, Tensor};
+pub use device::{Device, OpenedBackend};
 
 use crate::tensor::HostTensor;
 use crate::Result;
 
-/// The function [`Backend::run_recorded`] runs (and may record): tensors in, one tensor out.
+/// A pure function of device tensors (inputs in, one tensor out) that a backend able to record
+/// may capture once and replay with new input values (`CudaBackend::run_recorded`).
 pub type RecordedFn<'a, T> = dyn Fn(&[T]) -> Result<T> + 'a;
 
-/// A device that runs the op set. `model/` only ever talks to this trait.
+/// The op set the models are written against: `model/` only ever talks to this trait. Every
+/// backend gets it from its [`Compute`] (the blanket impl below): each op's arguments are checked
+/// by [`contract`], then computed.
 pub trait Backend: Send + Sync {
     /// A tensor living on this backend's device. Cloning is cheap (shared storage).
-    type Tensor: Clone + Send + Sync;
+    type Tensor: Tensor;
 
     /// A short description of the device, for logs (`cpu (2 threads)`).
     fn describe(&self) -> String;
@@ -29,8 +34,6 @@ pub trait Backend: Send + Sync {
     fn upload(&self, host: &HostTensor) -> Result<Self::Tensor>;
     /// Copies a tensor back to host memory as f32.
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
-    /// The tensor's shape.
-    fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];
     /// Same storage, new shape with the same element count.
     fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
 
@@ -58,7 +61,7 @@ pub trait Backend: Send + Sync {
 
     /// Group norm over `x [B, .., C]` (channels last, any number of spatial dims):
     /// `groups` groups of `C / groups` consecutive channels, statistics over spatial × group
-    /// channels, biased variance, then `gamma [C]`, `beta [C]`; `silu` applies SiLU afterwards.
+    /// channels, biased variance, then `gamma [C]`, `beta [C]`, then `activation`.
     fn group_norm(
         &self,
         x: &Self::Tensor,
@@ -66,7 +69,7 @@ pub trait Backend: Send + Sync {
         gamma: &Self::Tensor,
         beta: &Self::Tensor,
         eps: f32,
-        silu: bool,
+        activation: Activation,
     ) -> Result<Self::Tensor>;
 
     /// Layer norm over the last dimension with `gamma [C]`, `beta [C]`, biased variance.
@@ -80,14 +83,14 @@ pub trait Backend: Send + Sync {
 
     /// Multi-head scaled dot-product attention, softmax in f32:
     /// `q [B, Nq, H·D]`, `k [B, Nk, H·D]`, `v [B, Nk, H·D]` → `[B, Nq, H·D]`, head h using
-    /// channels `h·D .. (h+1)·D`, scale `1/√D`. `causal` masks key j > query i (CLIP).
+    /// channels `h·D .. (h+1)·D`, scale `1/√D`. [`Mask::Causal`] masks key j > query i (CLIP).
     fn attention(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
         heads: usize,
-        causal: bool,
+        mask: Mask,
     ) -> Result<Self::Tensor>;
 
     /// GEGLU: `x [.., 2F]` → `x[.., :F] · gelu(x[.., F:])` with the exact (erf) GELU → `[.., F]`.
@@ -112,39 +115,152 @@ pub trait Backend: Send + Sync {
     fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// Row gather: `table [V, D]`, `ids` → `[ids.len(), D]`; an id ≥ V is an error.
     fn embedding(&self, ids: &[u32], table: &Self::Tensor) -> Result<Self::Tensor>;
+}
 
-    /// A fresh copy of `x` on the device; `sd21-bench` measures the memory-bandwidth ceiling
-    /// with it, so a backend should override this slow default with a device-to-device copy.
-    fn copy(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
-        self.upload(&self.download(x)?)
-    }
+/// What a backend implements: storage, and each op's computation on arguments [`contract`]
+/// has already checked (so a backend never repeats a shape rule). Backend-specific limits (a
+/// kernel's grid or index width) stay with the backend, as `Error::TooLarge`.
+pub trait Compute: Send + Sync {
+    type Tensor: Tensor;
 
-    /// Waits until every queued operation has finished (a no-op for synchronous backends);
-    /// benchmarks call it before reading the clock.
-    fn synchronize(&self) -> Result<()> {
-        Ok(())
-    }
+    fn describe(&self) -> String;
+    /// `host` holds exactly its shape's element count.
+    fn upload(&self, host: &HostTensor) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
+    /// `t`'s storage with `shape`, which has `t`'s element count.
+    fn view(&self, t: &Self::Tensor, shape: Vec<usize>) -> Self::Tensor;
 
-    /// `f(inputs)`. A backend may record the ops `f` issues for one `key` and one set of input
-    /// shapes and replay that recording on later calls with new input values (the CUDA backend's
-    /// CUDA graphs, when switched on), so `f` must be a pure function of its inputs' values and
-    /// of tensors that outlive the backend's recordings (the weights), issuing only device ops:
-    /// no upload, download or synchronisation. The default just calls `f`.
-    fn run_recorded(
+    fn linear(&self, op: contract::Linear<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn conv2d(&self, op: contract::Conv2d<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn group_norm(&self, op: contract::GroupNorm<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn layer_norm(&self, op: contract::LayerNorm<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn attention(&self, op: contract::Attention<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn geglu(&self, op: contract::Geglu<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    fn silu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    fn add(&self, op: contract::Add<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn add_per_channel(
         &self,
-        key: &str,
-        inputs: &[&Self::Tensor],
-        f: &RecordedFn<'_, Self::Tensor>,
-    ) -> Result<Self::Tensor> {
-        let _ = key;
-        let inputs: Vec<Self::Tensor> = inputs.iter().map(|&t| t.clone()).collect();
-        f(&inputs)
+        op: contract::AddPerChannel<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+    fn upsample_nearest(
+        &self,
+        op: contract::UpsampleNearest<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+    fn concat_channels(
+        &self,
+        op: contract::ConcatChannels<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+    fn embedding(&self, op: contract::Embedding<'_, Self::Tensor>) -> Result<Self::Tensor>;
+}
+
+/// Every op: check with [`contract`], then compute.
+impl<C: Compute> Backend for C {
+    type Tensor = C::Tensor;
+
+    fn describe(&self) -> String {
+        Compute::describe(self)
     }
 
-    /// Switches the recording of [`Backend::run_recorded`] on or off; false when this backend
-    /// never records (the default).
-    fn set_recording(&self, on: bool) -> bool {
-        let _ = on;
-        false
+    fn upload(&self, host: &HostTensor) -> Result<C::Tensor> {
+        contract::upload(host)?;
+        Compute::upload(self, host)
+    }
+
+    fn download(&self, t: &C::Tensor) -> Result<HostTensor> {
+        Compute::download(self, t)
+    }
+
+    fn reshape(&self, t: &C::Tensor, shape: &[usize]) -> Result<C::Tensor> {
+        let shape = contract::reshape(t.shape(), shape)?;
+        Ok(self.view(t, shape))
+    }
+
+    fn linear(
+        &self,
+        x: &C::Tensor,
+        weight: &C::Tensor,
+        bias: Option<&C::Tensor>,
+    ) -> Result<C::Tensor> {
+        Compute::linear(self, contract::linear(x, weight, bias)?)
+    }
+
+    fn conv2d(
+        &self,
+        x: &C::Tensor,
+        weight: &C::Tensor,
+        bias: Option<&C::Tensor>,
+        stride: usize,
+        padding: usize,
+        residual: Option<&C::Tensor>,
+    ) -> Result<C::Tensor> {
+        let op = contract::conv2d(x, weight, bias, stride, padding, residual)?;
+        Compute::conv2d(self, op)
+    }
+
+    fn group_norm(
+        &self,
+        x: &C::Tensor,
+        groups: usize,
+        gamma: &C::Tensor,
+        beta: &C::Tensor,
+        eps: f32,
+        activation: Activation,
+    ) -> Result<C::Tensor> {
+        let op = contract::group_norm(x, groups, gamma, beta, eps, activation)?;
+        Compute::group_norm(self, op)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &C::Tensor,
+        gamma: &C::Tensor,
+        beta: &C::Tensor,
+        eps: f32,
+    ) -> Result<C::Tensor> {
+        Compute::layer_norm(self, contract::layer_norm(x, gamma, beta, eps)?)
+    }
+
+    fn attention(
+        &self,
+        q: &C::Tensor,
+        k: &C::Tensor,
+        v: &C::Tensor,
+        heads: usize,
+        mask: Mask,
+    ) -> Result<C::Tensor> {
+        Compute::attention(self, contract::attention(q, k, v, heads, mask)?)
+    }
+
+    fn geglu(&self, x: &C::Tensor) -> Result<C::Tensor> {
+        Compute::geglu(self, contract::geglu(x)?)
+    }
+
+    fn gelu(&self, x: &C::Tensor) -> Result<C::Tensor> {
+        Compute::gelu(self, x)
+    }
+
+    fn silu(&self, x: &C::Tensor) -> Result<C::Tensor> {
+        Compute::silu(self, x)
+    }
+
+    fn add(&self, a: &C::Tensor, b: &C::Tensor) -> Result<C::Tensor> {
+        Compute::add(self, contract::add(a, b)?)
+    }
+
+    fn add_per_channel(&self, x: &C::Tensor, v: &C::Tensor) -> Result<C::Tensor> {
+        Compute::add_per_channel(self, contract::add_per_channel(x, v)?)
+    }
+
+    fn upsample_nearest(&self, x: &C::Tensor, out_h: usize, out_w: usize) -> Result<C::Tensor> {
+        Compute::upsample_nearest(self, contract::upsample_nearest(x, out_h, out_w)?)
+    }
+
+    fn concat_channels(&self, a: &C::Tensor, b: &C::Tensor) -> Result<C::Tensor> {
+        Compute::concat_channels(self, contract::concat_channels(a, b)?)
+    }
+
+    fn embedding(&self, ids: &[u32], table: &C::Tensor) -> Result<C::Tensor> {
+        Compute::embedding(self, contract::embedding(ids, table)?)
     }
 }

@@ -1,7 +1,7 @@
 //! transformers `CLIPTextModel` (the OpenCLIP ViT-H text tower of SD 2.x): token + position
 //! embeddings, pre-LN causal transformer layers with exact GELU, `final_layer_norm`.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Mask};
 use crate::config::ClipTextConfig;
 use crate::model::layers::{LayerNorm, Linear};
 use crate::weights::Loader;
@@ -47,13 +47,13 @@ impl<B: Backend> ClipTextModel<B> {
                 let a = l.pp("self_attn");
                 Ok(ClipLayer {
                     layer_norm1: LayerNorm::load(&l.pp("layer_norm1"), d, eps)?,
-                    q_proj: Linear::load(&a.pp("q_proj"), d, d, true)?,
-                    k_proj: Linear::load(&a.pp("k_proj"), d, d, true)?,
-                    v_proj: Linear::load(&a.pp("v_proj"), d, d, true)?,
-                    out_proj: Linear::load(&a.pp("out_proj"), d, d, true)?,
+                    q_proj: Linear::load(&a.pp("q_proj"), d, d)?,
+                    k_proj: Linear::load(&a.pp("k_proj"), d, d)?,
+                    v_proj: Linear::load(&a.pp("v_proj"), d, d)?,
+                    out_proj: Linear::load(&a.pp("out_proj"), d, d)?,
                     layer_norm2: LayerNorm::load(&l.pp("layer_norm2"), d, eps)?,
-                    fc1: Linear::load(&l.pp("mlp.fc1"), d, ff, true)?,
-                    fc2: Linear::load(&l.pp("mlp.fc2"), ff, d, true)?,
+                    fc1: Linear::load(&l.pp("mlp.fc1"), d, ff)?,
+                    fc2: Linear::load(&l.pp("mlp.fc2"), ff, d)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -101,7 +101,7 @@ impl<B: Backend> ClipTextModel<B> {
             let q = layer.q_proj.forward(b, &h)?; // [B, N, D]
             let k = layer.k_proj.forward(b, &h)?; // [B, N, D]
             let v = layer.v_proj.forward(b, &h)?; // [B, N, D]
-            let h = b.attention(&q, &k, &v, heads, true)?; // [B, N, D], causal
+            let h = b.attention(&q, &k, &v, heads, Mask::Causal)?; // [B, N, D], causal
             x = b.add(&layer.out_proj.forward(b, &h)?, &x)?; // [B, N, D]
             let h = layer.layer_norm2.forward(b, &x)?; // [B, N, D]
             let h = b.gelu(&layer.fc1.forward(b, &h)?)?; // [B, N, F]

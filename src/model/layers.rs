@@ -1,7 +1,7 @@
 //! The layers the models share (diffusers' names): Linear, Conv2d, norms, ResnetBlock2D,
 //! Attention, the GEGLU feed-forward, BasicTransformerBlock and Transformer2DModel.
 
-use crate::backend::Backend;
+use crate::backend::{Activation, Backend, Mask, Tensor};
 use crate::weights::Loader;
 use crate::Result;
 
@@ -12,20 +12,23 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    pub fn load(w: &Loader<B>, inp: usize, out: usize, bias: bool) -> Result<Self> {
+    /// A layer with its bias.
+    pub fn load(w: &Loader<B>, inp: usize, out: usize) -> Result<Self> {
         Ok(Linear {
             weight: w.linear_weight("weight", out, inp)?,
-            bias: if bias {
-                Some(w.tensor("bias", &[out])?)
-            } else {
-                None
-            },
+            bias: Some(w.tensor("bias", &[out])?),
         })
     }
 
-    /// Like `load`, with a bias only when the checkpoint has one.
+    /// A layer with a bias only when the checkpoint has one.
     pub fn load_optional_bias(w: &Loader<B>, inp: usize, out: usize) -> Result<Self> {
-        Self::load(w, inp, out, w.contains("bias"))
+        if !w.contains("bias") {
+            return Ok(Linear {
+                weight: w.linear_weight("weight", out, inp)?,
+                bias: None,
+            });
+        }
+        Self::load(w, inp, out)
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
@@ -100,8 +103,8 @@ impl<B: Backend> GroupNorm<B> {
         })
     }
 
-    pub fn forward(&self, b: &B, x: &B::Tensor, silu: bool) -> Result<B::Tensor> {
-        b.group_norm(x, self.groups, &self.gamma, &self.beta, self.eps, silu)
+    pub fn forward(&self, b: &B, x: &B::Tensor, then: Activation) -> Result<B::Tensor> {
+        b.group_norm(x, self.groups, &self.gamma, &self.beta, self.eps, then)
     }
 }
 
@@ -156,7 +159,7 @@ impl<B: Backend> ResnetBlock2D<B> {
             norm1: GroupNorm::load(&w.pp("norm1"), inp, groups, eps)?,
             conv1: Conv2d::load(&w.pp("conv1"), inp, out, 3, 1, 1)?,
             time_emb_proj: match temb_channels {
-                Some(t) => Some(Linear::load(&w.pp("time_emb_proj"), t, out, true)?),
+                Some(t) => Some(Linear::load(&w.pp("time_emb_proj"), t, out)?),
                 None => None,
             },
             norm2: GroupNorm::load(&w.pp("norm2"), out, groups, eps)?,
@@ -172,13 +175,13 @@ impl<B: Backend> ResnetBlock2D<B> {
         x: &B::Tensor,
         temb_silu: Option<&B::Tensor>,
     ) -> Result<B::Tensor> {
-        let h = self.norm1.forward(b, x, true)?; // [B, H, W, C_in]
+        let h = self.norm1.forward(b, x, Activation::Silu)?; // [B, H, W, C_in]
         let mut h = self.conv1.forward(b, &h)?; // [B, H, W, C_out]
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_silu) {
             let t = proj.forward(b, t)?; // [B, C_out]
             h = b.add_per_channel(&h, &t)?; // [B, H, W, C_out]
         }
-        let h = self.norm2.forward(b, &h, true)?; // [B, H, W, C_out]
+        let h = self.norm2.forward(b, &h, Activation::Silu)?; // [B, H, W, C_out]
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(b, x)?, // [B, H, W, C_out]
             None => x.clone(),
@@ -204,7 +207,7 @@ impl<B: Backend> Attention<B> {
             to_q: Linear::load_optional_bias(&w.pp("to_q"), query_dim, query_dim)?,
             to_k: Linear::load_optional_bias(&w.pp("to_k"), context_dim, query_dim)?,
             to_v: Linear::load_optional_bias(&w.pp("to_v"), context_dim, query_dim)?,
-            to_out: Linear::load(&w.pp("to_out").pp(0), query_dim, query_dim, true)?,
+            to_out: Linear::load(&w.pp("to_out").pp(0), query_dim, query_dim)?,
             heads,
         })
     }
@@ -214,10 +217,10 @@ impl<B: Backend> Attention<B> {
     pub fn load_vae(w: &Loader<B>, channels: usize) -> Result<Self> {
         if w.contains("query.weight") {
             return Ok(Attention {
-                to_q: Linear::load(&w.pp("query"), channels, channels, true)?,
-                to_k: Linear::load(&w.pp("key"), channels, channels, true)?,
-                to_v: Linear::load(&w.pp("value"), channels, channels, true)?,
-                to_out: Linear::load(&w.pp("proj_attn"), channels, channels, true)?,
+                to_q: Linear::load(&w.pp("query"), channels, channels)?,
+                to_k: Linear::load(&w.pp("key"), channels, channels)?,
+                to_v: Linear::load(&w.pp("value"), channels, channels)?,
+                to_out: Linear::load(&w.pp("proj_attn"), channels, channels)?,
                 heads: 1,
             });
         }
@@ -230,7 +233,7 @@ impl<B: Backend> Attention<B> {
         let q = self.to_q.forward(b, x)?; // [B, N, C]
         let k = self.to_k.forward(b, context)?; // [B, M, C]
         let v = self.to_v.forward(b, context)?; // [B, M, C]
-        let h = b.attention(&q, &k, &v, self.heads, false)?; // [B, N, C]
+        let h = b.attention(&q, &k, &v, self.heads, Mask::None)?; // [B, N, C]
         self.to_out.forward(b, &h) // [B, N, C]
     }
 }
@@ -245,8 +248,8 @@ impl<B: Backend> FeedForward<B> {
     pub fn load(w: &Loader<B>, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(FeedForward {
-            proj: Linear::load(&w.pp("net.0.proj"), dim, inner * 2, true)?,
-            out: Linear::load(&w.pp("net.2"), inner, dim, true)?,
+            proj: Linear::load(&w.pp("net.0.proj"), dim, inner * 2)?,
+            out: Linear::load(&w.pp("net.2"), inner, dim)?,
         })
     }
 
@@ -319,7 +322,7 @@ impl<B: Backend> Transformer2D<B> {
     ) -> Result<Self> {
         Ok(Transformer2D {
             norm: GroupNorm::load(&w.pp("norm"), channels, groups, 1e-6)?,
-            proj_in: Linear::load(&w.pp("proj_in"), channels, channels, true)?,
+            proj_in: Linear::load(&w.pp("proj_in"), channels, channels)?,
             blocks: (0..depth)
                 .map(|i| {
                     BasicTransformerBlock::load(
@@ -331,15 +334,15 @@ impl<B: Backend> Transformer2D<B> {
                     )
                 })
                 .collect::<Result<_>>()?,
-            proj_out: Linear::load(&w.pp("proj_out"), channels, channels, true)?,
+            proj_out: Linear::load(&w.pp("proj_out"), channels, channels)?,
         })
     }
 
     /// `x [B, H, W, C]`, `context [B, 77, C_ctx]` → `[B, H, W, C]`.
     pub fn forward(&self, b: &B, x: &B::Tensor, context: &B::Tensor) -> Result<B::Tensor> {
-        let shape = b.shape(x).to_vec();
+        let shape = x.shape().to_vec();
         let (batch, c) = (shape[0], shape[shape.len() - 1]);
-        let h = self.norm.forward(b, x, false)?; // [B, H, W, C]
+        let h = self.norm.forward(b, x, Activation::None)?; // [B, H, W, C]
         let h = b.reshape(&h, &[batch, shape[1..shape.len() - 1].iter().product(), c])?; // [B, HW, C]
         let mut h = self.proj_in.forward(b, &h)?; // [B, HW, C]
         for block in &self.blocks {

@@ -1,7 +1,7 @@
 //! diffusers `AutoencoderKL` decoder: post_quant_conv → conv_in → mid (resnet, attention, resnet)
 //! → up blocks → GN → SiLU → conv_out, NHWC. All VAE group norms use eps 1e-6 (fixed in diffusers).
 
-use crate::backend::Backend;
+use crate::backend::{Activation, Backend, Tensor};
 use crate::config::VaeConfig;
 use crate::model::layers::{Attention, Conv2d, GroupNorm, ResnetBlock2D};
 use crate::weights::Loader;
@@ -127,25 +127,25 @@ impl<B: Backend> VaeDecoder<B> {
                 h = resnet.forward(b, &h, None)?; // [B, h_i, w_i, C_i]
             }
             if let Some(up) = &block.upsampler {
-                let s = b.shape(&h).to_vec();
+                let s = h.shape().to_vec();
                 h = b.upsample_nearest(&h, s[1] * 2, s[2] * 2)?; // [B, 2h_i, 2w_i, C_i]
                 h = up.forward(b, &h)?; // [B, 2h_i, 2w_i, C_i]
             }
         }
-        let h = self.conv_norm_out.forward(b, &h, true)?; // [B, H, W, C0]
+        let h = self.conv_norm_out.forward(b, &h, Activation::Silu)?; // [B, H, W, C0]
         self.conv_out.forward(b, &h) // [B, H, W, 3]
     }
 
     /// Single-head attention over all pixels, with the residual: `[B, h, w, C]` → same.
     fn mid_attention_forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let s = b.shape(x).to_vec();
+        let s = x.shape().to_vec();
         if s.len() != 4 {
             return Err(Error::shape(
                 "vae attention",
                 format!("expected NHWC, got {s:?}"),
             ));
         }
-        let h = self.mid_norm.forward(b, x, false)?; // [B, h, w, C]
+        let h = self.mid_norm.forward(b, x, Activation::None)?; // [B, h, w, C]
         let h = b.reshape(&h, &[s[0], s[1] * s[2], s[3]])?; // [B, hw, C]
         let h = self.mid_attention.forward(b, &h, None)?; // [B, hw, C]
         let h = b.reshape(&h, &s)?; // [B, h, w, C]

@@ -191,9 +191,7 @@ impl HubConfig {
             let text = std::fs::read_to_string(token_file?).ok()?;
             Some(text.trim().to_string()).filter(|t| !t.is_empty())
         });
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
-        });
+        let offline = crate::env::flag("HF_HUB_OFFLINE") == Some(true);
         HubConfig {
             endpoint,
             token,

@@ -8,20 +8,19 @@
 //! probabilities in f32 (row maximum subtracted, vectorised `exp`, 8-lane sums), and writes
 //! `P · V_h` straight into the head's D-column slice of the output rows with a second GEMM.
 //! Memory is one score tile per worker (≤ 4 MiB: 4096 keys × 256 rows, 9216 keys × 113 rows),
-//! never N×N. Bigger blocks amortise gemm's packing of K_h and V_h, which every task repeats
-//! (measured on 2 cores at [2, 4096, 320]: 64-row blocks 450–490 ms, 256-row blocks 390–400 ms).
+//! never N×N. Bigger blocks amortise gemm's packing of K_h and V_h, which every task repeats.
 //!
 //! Causal masking (key j > query i masked) skips the masked keys: the block only multiplies
 //! keys `0 ..= last query of the block`, and each row's softmax covers keys `0 ..= i`.
-
-use std::sync::Arc;
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef, Par};
 use super::{math, CpuTensor};
-use crate::{Error, Result};
+use crate::backend::contract::Attention;
+use crate::backend::Mask;
+use crate::Result;
 
 /// Floats in one score tile (4 MiB).
 const SCORE_TILE: usize = 1 << 20;
@@ -72,58 +71,15 @@ fn softmax(row: &mut [f32]) {
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
-pub(super) fn attention(
-    q: &CpuTensor,
-    k: &CpuTensor,
-    v: &CpuTensor,
-    heads: usize,
-    causal: bool,
-) -> Result<CpuTensor> {
-    const OP: &str = "attention";
-    let [b, nq, c] = q.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!("q must be [B, Nq, H·D], got {:?}", q.shape),
-        ));
-    };
-    let [bk, nk, ck] = k.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!("k must be [B, Nk, H·D], got {:?}", k.shape),
-        ));
-    };
-    if v.shape != k.shape {
-        return Err(Error::shape(
-            OP,
-            format!("v {:?} must have k's shape {:?}", v.shape, k.shape),
-        ));
-    }
-    if bk != b || ck != c {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "k/v {:?} do not match q {:?} in batch or channels",
-                k.shape, q.shape
-            ),
-        ));
-    }
-    if heads == 0 || !c.is_multiple_of(heads) {
-        return Err(Error::shape(
-            OP,
-            format!("{c} channels cannot be split into {heads} heads"),
-        ));
-    }
-    let mut out = vec![0.0f32; q.numel()];
+pub(super) fn attention(op: Attention<'_, CpuTensor>) -> Result<CpuTensor> {
+    let (q, k, v, heads) = (op.q, op.k, op.v, op.heads);
+    let (b, nq, nk) = (op.batch, op.q_len, op.kv_len);
+    let (d, c) = (op.head_dim, op.heads * op.head_dim);
+    let causal = op.mask == Mask::Causal;
+    let mut out = vec![0.0f32; op.out_numel()];
     if out.is_empty() {
-        return Ok(CpuTensor {
-            shape: q.shape.clone(),
-            data: Arc::new(out),
-        });
+        return CpuTensor::new(q.shape.clone(), out);
     }
-    if nk == 0 {
-        return Err(Error::shape(OP, "attention over zero keys is undefined"));
-    }
-    let d = c / heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let block = query_block(b, nq, nk);
     let (qd, kd, vd) = (q.data(), k.data(), v.data());
@@ -183,17 +139,14 @@ pub(super) fn attention(
                     })
             });
     result?;
-    Ok(CpuTensor {
-        shape: q.shape.clone(),
-        data: Arc::new(out),
-    })
+    CpuTensor::new(q.shape.clone(), out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testutil::{assert_close, Rng};
     use super::super::{CpuBackend, CpuTensor};
-    use crate::backend::Backend;
+    use crate::backend::{Backend, Mask, Tensor};
 
     /// Naive attention in f64, one (batch, head, query) at a time.
     fn attention_ref(
@@ -201,7 +154,7 @@ mod tests {
         k: &CpuTensor,
         v: &CpuTensor,
         heads: usize,
-        causal: bool,
+        mask: Mask,
     ) -> Vec<f64> {
         let [b, nq, c] = q.shape()[..] else { panic!() };
         let nk = k.shape()[1];
@@ -212,7 +165,7 @@ mod tests {
                 for i in 0..nq {
                     let mut s = Vec::with_capacity(nk);
                     for j in 0..nk {
-                        if causal && j > i {
+                        if mask == Mask::Causal && j > i {
                             s.push(f64::NEG_INFINITY);
                             continue;
                         }
@@ -243,27 +196,27 @@ mod tests {
     fn attention_matches_reference() {
         let be = CpuBackend::new();
         let mut rng = Rng::new(41);
-        // (batch, Nq, Nk, heads, head dim, causal, q/k scale)
+        // (batch, Nq, Nk, heads, head dim, mask, q/k scale)
         let cases = [
-            (2, 77, 77, 2, 8, true, 1.0),    // CLIP-like causal self-attention
-            (1, 77, 77, 3, 5, false, 1.0),   // 77 keys, odd head dim
-            (2, 100, 77, 3, 8, false, 1.0),  // cross-attention: Nq ≠ Nk, several heads
-            (1, 130, 130, 1, 16, true, 1.0), // causal over several query blocks
-            (2, 20, 33, 2, 4, true, 1.0),    // causal, Nq < Nk
-            (1, 33, 20, 2, 4, true, 1.0),    // causal, Nq > Nk
-            (2, 9, 5, 4, 3, false, 1.0),     // tiny
-            (1, 50, 40, 2, 8, false, 12.0),  // scores of several hundred: needs the max shift
-            (1, 1, 1, 1, 1, false, 1.0),
+            (2, 77, 77, 2, 8, Mask::Causal, 1.0), // CLIP-like causal self-attention
+            (1, 77, 77, 3, 5, Mask::None, 1.0),   // 77 keys, odd head dim
+            (2, 100, 77, 3, 8, Mask::None, 1.0),  // cross-attention: Nq ≠ Nk, several heads
+            (1, 130, 130, 1, 16, Mask::Causal, 1.0), // causal over several query blocks
+            (2, 20, 33, 2, 4, Mask::Causal, 1.0), // causal, Nq < Nk
+            (1, 33, 20, 2, 4, Mask::Causal, 1.0), // causal, Nq > Nk
+            (2, 9, 5, 4, 3, Mask::None, 1.0),     // tiny
+            (1, 50, 40, 2, 8, Mask::None, 12.0),  // scores of several hundred: needs the max shift
+            (1, 1, 1, 1, 1, Mask::None, 1.0),
         ];
-        for (b, nq, nk, heads, d, causal, s) in cases {
+        for (b, nq, nk, heads, d, mask, s) in cases {
             let c = heads * d;
             let q = rng.tensor(&[b, nq, c], s);
             let k = rng.tensor(&[b, nk, c], s);
             let v = rng.tensor(&[b, nk, c], 1.0);
-            let got = be.attention(&q, &k, &v, heads, causal).unwrap();
-            let want = attention_ref(&q, &k, &v, heads, causal);
+            let got = be.attention(&q, &k, &v, heads, mask).unwrap();
+            let want = attention_ref(&q, &k, &v, heads, mask);
             assert_close(
-                &format!("attention b{b} nq{nq} nk{nk} h{heads} d{d} causal={causal}"),
+                &format!("attention b{b} nq{nq} nk{nk} h{heads} d{d} {mask:?}"),
                 &got,
                 &[b, nq, c],
                 &want,
@@ -282,9 +235,9 @@ mod tests {
         let q = rng.tensor(&[b, nq, heads * d], 1.0);
         let k = rng.tensor(&[b, nk, heads * d], 1.0);
         let v = rng.tensor(&[b, nk, heads * d], 1.0);
-        for causal in [false, true] {
-            let got = be.attention(&q, &k, &v, heads, causal).unwrap();
-            let want = attention_ref(&q, &k, &v, heads, causal);
+        for mask in [Mask::None, Mask::Causal] {
+            let got = be.attention(&q, &k, &v, heads, mask).unwrap();
+            let want = attention_ref(&q, &k, &v, heads, mask);
             assert_close("attention partial block", &got, &[b, nq, heads * d], &want);
         }
     }
@@ -295,24 +248,30 @@ mod tests {
         let mut rng = Rng::new(43);
         let q = rng.tensor(&[2, 10, 12], 1.0);
         let k = rng.tensor(&[2, 7, 12], 1.0);
-        assert!(be.attention(&q, &k, &k, 5, false).is_err(), "12 % 5");
-        assert!(be.attention(&q, &k, &k, 0, false).is_err(), "0 heads");
+        assert!(be.attention(&q, &k, &k, 5, Mask::None).is_err(), "12 % 5");
+        assert!(be.attention(&q, &k, &k, 0, Mask::None).is_err(), "0 heads");
         assert!(
-            be.attention(&q, &k, &rng.tensor(&[2, 8, 12], 1.0), 2, false)
+            be.attention(&q, &k, &rng.tensor(&[2, 8, 12], 1.0), 2, Mask::None)
                 .is_err(),
             "v ≠ k"
         );
         let k1 = rng.tensor(&[1, 7, 12], 1.0);
-        assert!(be.attention(&q, &k1, &k1, 2, false).is_err(), "batch");
+        assert!(be.attention(&q, &k1, &k1, 2, Mask::None).is_err(), "batch");
         let k8 = rng.tensor(&[2, 7, 8], 1.0);
-        assert!(be.attention(&q, &k8, &k8, 2, false).is_err(), "channels");
+        assert!(
+            be.attention(&q, &k8, &k8, 2, Mask::None).is_err(),
+            "channels"
+        );
         let q2 = rng.tensor(&[10, 12], 1.0);
-        assert!(be.attention(&q2, &k, &k, 2, false).is_err(), "2-D q");
+        assert!(be.attention(&q2, &k, &k, 2, Mask::None).is_err(), "2-D q");
         let k0 = CpuTensor::new(vec![2, 0, 12], vec![]).unwrap();
-        assert!(be.attention(&q, &k0, &k0, 2, false).is_err(), "no keys");
+        assert!(
+            be.attention(&q, &k0, &k0, 2, Mask::None).is_err(),
+            "no keys"
+        );
         let q0 = CpuTensor::new(vec![2, 0, 12], vec![]).unwrap();
         assert_eq!(
-            be.attention(&q0, &k, &k, 2, false).unwrap().shape(),
+            be.attention(&q0, &k, &k, 2, Mask::None).unwrap().shape(),
             &[2, 0, 12]
         );
     }
@@ -325,7 +284,7 @@ mod tests {
         qd[3] = f32::NAN; // batch 0, query 0, head 0
         let q = CpuTensor::new(vec![2, 5, 8], qd).unwrap();
         let k = rng.tensor(&[2, 6, 8], 1.0);
-        let out = be.attention(&q, &k, &k, 2, false).unwrap();
+        let out = be.attention(&q, &k, &k, 2, Mask::None).unwrap();
         assert!(
             out.data()[..4].iter().all(|x| x.is_nan()),
             "poisoned row must be NaN"

@@ -1,9 +1,6 @@
-//! Linear layers and 2-D convolutions: both are GEMMs against the weight read in place.
+//! 2-D convolutions as GEMMs against the weight read in place.
 //!
-//! `linear`: `x [M, K] · Wᵀ` where `W [N, K]` is viewed as a `[K, N]` matrix with strides (1, K), so
-//! no transposed copy exists. The bias is written into the output first and the GEMM accumulates.
-//!
-//! `conv2d` (NHWC input, OHWI weight): the OHWI weight `[C_out, kH·kW·C_in]` is, read transposed,
+//! NHWC input, OHWI weight: the OHWI weight `[C_out, kH·kW·C_in]` is, read transposed,
 //! exactly the `[K, N]` right-hand side of an im2col GEMM whose patch row for an output pixel is its
 //! kH·kW input pixels' channel vectors in (ky, kx) order. A 1×1 stride-1 unpadded convolution needs
 //! no patches (the NHWC input already is `[B·H·W, C_in]`). Everything else builds patch rows for a
@@ -12,152 +9,24 @@
 //! initialised with `residual + bias` and the GEMMs accumulate into it: bias and residual cost no
 //! extra pass.
 
-use std::sync::Arc;
-
 use rayon::prelude::*;
 
-use super::gemm::{matmul, MatRef, Par};
-use super::{expect_shape, output_numel, rows_and_last, CpuTensor};
-use crate::{Error, Result};
+use super::gemm::{init_output, matmul, MatRef, Par};
+use super::CpuTensor;
+use crate::backend::contract::Conv2d;
+use crate::Result;
 
 /// Most floats one im2col block may hold (16 MiB): bounds memory for the VAE at 768² (inputs of
 /// 768·768·128 values) while keeping each GEMM large enough to use every core.
 const IM2COL_BUDGET: usize = 4 << 20;
 
-/// Output buffer `[rows, n]` pre-filled with `residual + bias` (either optional); returns whether
-/// the GEMM must accumulate into it.
-fn init_output(
-    rows: usize,
-    n: usize,
-    bias: Option<&CpuTensor>,
-    residual: Option<&CpuTensor>,
-) -> (Vec<f32>, bool) {
-    let mut out = vec![0.0f32; rows * n];
-    if n == 0 || (bias.is_none() && residual.is_none()) {
-        return (out, false);
-    }
-    out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
-        if let Some(res) = residual {
-            o.copy_from_slice(&res.data()[r * n..][..n]);
-        }
-        if let Some(b) = bias {
-            o.iter_mut().zip(b.data()).for_each(|(o, b)| *o += b);
-        }
-    });
-    (out, true)
-}
-
-pub(super) fn linear(
-    x: &CpuTensor,
-    weight: &CpuTensor,
-    bias: Option<&CpuTensor>,
-) -> Result<CpuTensor> {
-    const OP: &str = "linear";
-    let (rows, k) = rows_and_last(OP, "x", x)?;
-    let [n, wk] = weight.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!("weight must be [N, K], got {:?}", weight.shape),
-        ));
-    };
-    if wk != k {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "x {:?} has {k} features but weight {:?} expects {wk}",
-                x.shape, weight.shape
-            ),
-        ));
-    }
-    if let Some(b) = bias {
-        expect_shape(OP, "bias", b, &[n])?;
-    }
-    let mut shape = x.shape.clone();
-    if let Some(last) = shape.last_mut() {
-        *last = n;
-    }
-    output_numel(OP, &shape)?; // rows · n fits (x [2⁴⁰, 0] with weight [2⁴⁰, 0] would not)
-    let (mut out, accumulate) = init_output(rows, n, bias, None);
-    matmul(
-        &mut out,
-        n,
-        rows,
-        n,
-        k,
-        MatRef::new(x.data(), k, 1),
-        MatRef::new(weight.data(), 1, k),
-        accumulate,
-        1.0,
-        Par::Rayon,
-    )?;
-    Ok(CpuTensor {
-        shape,
-        data: Arc::new(out),
-    })
-}
-
-/// Output size of one spatial dimension, or an error when the kernel does not fit.
-fn out_size(input: usize, kernel: usize, stride: usize, padding: usize) -> Result<usize> {
-    let padded = padding
-        .checked_mul(2)
-        .and_then(|p| p.checked_add(input))
-        .ok_or_else(|| Error::InvalidArgument(format!("conv2d: padding {padding} is too large")))?;
-    if kernel == 0 || padded < kernel {
-        return Err(Error::shape(
-            "conv2d",
-            format!("kernel {kernel} does not fit an input of {input} with padding {padding}"),
-        ));
-    }
-    Ok((padded - kernel) / stride + 1)
-}
-
-pub(super) fn conv2d(
-    x: &CpuTensor,
-    weight: &CpuTensor,
-    bias: Option<&CpuTensor>,
-    stride: usize,
-    padding: usize,
-    residual: Option<&CpuTensor>,
-) -> Result<CpuTensor> {
-    const OP: &str = "conv2d";
-    let [b, h, w, ci] = x.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!("x must be [B, H, W, C_in], got {:?}", x.shape),
-        ));
-    };
-    let [co, kh, kw, wci] = weight.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "weight must be [C_out, kH, kW, C_in], got {:?}",
-                weight.shape
-            ),
-        ));
-    };
-    if wci != ci {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "x {:?} has {ci} channels but weight {:?} expects {wci}",
-                x.shape, weight.shape
-            ),
-        ));
-    }
-    if stride == 0 {
-        return Err(Error::InvalidArgument("conv2d: stride must be ≥ 1".into()));
-    }
-    let oh = out_size(h, kh, stride, padding)?;
-    let ow = out_size(w, kw, stride, padding)?;
-    let out_shape = vec![b, oh, ow, co];
-    let m = output_numel(OP, &out_shape)? / co.max(1); // output pixels
-    if let Some(bias) = bias {
-        expect_shape(OP, "bias", bias, &[co])?;
-    }
-    if let Some(res) = residual {
-        expect_shape(OP, "residual", res, &out_shape)?;
-    }
-    let k = kh * kw * ci; // ≤ weight.numel()
+pub(super) fn conv2d(op: Conv2d<'_, CpuTensor>) -> Result<CpuTensor> {
+    let (x, weight, bias, residual) = (op.x, op.weight, op.bias, op.residual);
+    let (h, w, ci, co) = (op.in_h, op.in_w, op.c_in, op.c_out);
+    let (kh, kw, stride, padding) = (op.kernel_h, op.kernel_w, op.stride, op.padding);
+    let (oh, ow) = (op.out_h, op.out_w);
+    let m = op.pixels();
+    let k = op.patch_len(); // ≤ weight.numel()
     let (mut out, accumulate) = init_output(m, co, bias, residual);
     let rhs = MatRef::new(weight.data(), 1, k);
 
@@ -217,75 +86,14 @@ pub(super) fn conv2d(
             )?;
         }
     }
-    Ok(CpuTensor {
-        shape: out_shape,
-        data: Arc::new(out),
-    })
+    CpuTensor::new(op.out_shape(), out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testutil::{assert_close, Rng};
     use super::super::{CpuBackend, CpuTensor};
-    use crate::backend::Backend;
-
-    #[test]
-    fn linear_matches_reference() {
-        let be = CpuBackend::new();
-        let mut rng = Rng::new(31);
-        for (xs, n, with_bias) in [
-            (&[2usize, 77, 37][..], 19usize, true),
-            (&[1, 5, 64], 33, false),
-            (&[3, 1], 7, true),
-            (&[13], 5, true),
-        ] {
-            let k = xs[xs.len() - 1];
-            let x = rng.tensor(xs, 1.0);
-            let w = rng.tensor(&[n, k], 0.5);
-            let bias = rng.tensor(&[n], 1.0);
-            let got = be.linear(&x, &w, with_bias.then_some(&bias)).unwrap();
-            let mut want = Vec::new();
-            for row in x.data().chunks(k) {
-                for j in 0..n {
-                    let mut acc = if with_bias {
-                        bias.data()[j] as f64
-                    } else {
-                        0.0
-                    };
-                    for (d, &xv) in row.iter().enumerate() {
-                        acc += xv as f64 * w.data()[j * k + d] as f64;
-                    }
-                    want.push(acc);
-                }
-            }
-            let mut out_shape = xs.to_vec();
-            *out_shape.last_mut().unwrap() = n;
-            assert_close(&format!("linear {xs:?}→{n}"), &got, &out_shape, &want);
-        }
-    }
-
-    #[test]
-    fn linear_rejects_bad_shapes() {
-        let be = CpuBackend::new();
-        let mut rng = Rng::new(32);
-        let x = rng.tensor(&[2, 3, 8], 1.0);
-        assert!(be.linear(&x, &rng.tensor(&[4, 7], 1.0), None).is_err());
-        assert!(be.linear(&x, &rng.tensor(&[4, 8, 1], 1.0), None).is_err());
-        let w = rng.tensor(&[4, 8], 1.0);
-        assert!(be.linear(&x, &w, Some(&rng.tensor(&[5], 1.0))).is_err());
-        let scalar = CpuTensor::new(vec![], vec![1.0]).unwrap();
-        assert!(be.linear(&scalar, &w, None).is_err());
-        // K = 0 and empty batches are fine.
-        let x0 = CpuTensor::new(vec![3, 0], vec![]).unwrap();
-        let w0 = CpuTensor::new(vec![4, 0], vec![]).unwrap();
-        let b = rng.tensor(&[4], 1.0);
-        let y = be.linear(&x0, &w0, Some(&b)).unwrap();
-        assert_eq!(y.data(), [b.data(), b.data(), b.data()].concat());
-        let huge = CpuTensor::new(vec![1 << 40, 0], vec![]).unwrap();
-        assert!(be.linear(&huge, &huge, None).is_err(), "2⁸⁰-element output");
-        let xe = CpuTensor::new(vec![0, 8], vec![]).unwrap();
-        assert_eq!(be.linear(&xe, &w, None).unwrap().shape(), &[0, 4]);
-    }
+    use crate::backend::{Backend, Tensor};
 
     /// Direct convolution in f64: out[b, oy, ox, o] = bias[o] + residual + Σ x·w.
     #[allow(clippy::too_many_arguments)]

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{expect_shape, math, output_numel, rows_and_last, CpuTensor};
-use crate::{Error, Result};
+use super::{math, CpuTensor};
+use crate::backend::contract::{
+    Add, AddPerChannel, ConcatChannels, Embedding, Geglu, UpsampleNearest,
+};
 
 /// Elements per rayon task for flat elementwise ops (64 KiB of f32: big enough to amortise the
 /// task, small enough to balance).
@@ -48,8 +50,8 @@ fn geglu_row(o: &mut [f32], h: &[f32], gate: &[f32]) {
     }
 }
 
-pub(super) fn add(a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-    expect_shape("add", "b", b, &a.shape)?;
+pub(super) fn add(op: Add<'_, CpuTensor>) -> CpuTensor {
+    let (a, b) = (op.a, op.b);
     let mut out = vec![0.0f32; a.numel()];
     out.par_chunks_mut(CHUNK)
         .zip(a.data().par_chunks(CHUNK).zip(b.data().par_chunks(CHUNK)))
@@ -58,20 +60,12 @@ pub(super) fn add(a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
                 *o = a + b;
             }
         });
-    Ok(tensor(a.shape.clone(), out))
+    tensor(a.shape.clone(), out)
 }
 
 /// `x [B, .., C] + v [B, C]`, broadcast over the middle dimensions.
-pub(super) fn add_per_channel(x: &CpuTensor, v: &CpuTensor) -> Result<CpuTensor> {
-    const OP: &str = "add_per_channel";
-    if x.shape.len() < 2 {
-        return Err(Error::shape(
-            OP,
-            format!("x must be [B, .., C], got {:?}", x.shape),
-        ));
-    }
-    let (b, c) = (x.shape[0], x.shape[x.shape.len() - 1]);
-    expect_shape(OP, "v", v, &[b, c])?;
+pub(super) fn add_per_channel(op: AddPerChannel<'_, CpuTensor>) -> CpuTensor {
+    let (x, v, b, c) = (op.x, op.v, op.batch, op.channels);
     let mut out = vec![0.0f32; x.numel()];
     if c > 0 && b > 0 {
         let rows_per_batch = x.numel() / c / b;
@@ -85,26 +79,12 @@ pub(super) fn add_per_channel(x: &CpuTensor, v: &CpuTensor) -> Result<CpuTensor>
                 }
             });
     }
-    Ok(tensor(x.shape.clone(), out))
+    tensor(x.shape.clone(), out)
 }
 
 /// `x [.., 2F]` → `x[.., :F] · gelu(x[.., F:])`.
-pub(super) fn geglu(x: &CpuTensor) -> Result<CpuTensor> {
-    let (rows, two_f) = rows_and_last("geglu", "x", x)?;
-    if !two_f.is_multiple_of(2) {
-        return Err(Error::shape(
-            "geglu",
-            format!(
-                "last dimension must be even (hidden ‖ gate), got {:?}",
-                x.shape
-            ),
-        ));
-    }
-    let f = two_f / 2;
-    let mut shape = x.shape.clone();
-    if let Some(last) = shape.last_mut() {
-        *last = f;
-    }
+pub(super) fn geglu(op: Geglu<'_, CpuTensor>) -> CpuTensor {
+    let (x, rows, f, two_f) = (op.x, op.rows, op.features, 2 * op.features);
     let mut out = vec![0.0f32; rows * f];
     if f > 0 {
         out.par_chunks_mut(f)
@@ -114,27 +94,15 @@ pub(super) fn geglu(x: &CpuTensor) -> Result<CpuTensor> {
                 geglu_row(o, h, gate);
             });
     }
-    Ok(tensor(shape, out))
+    tensor(op.out_shape, out)
 }
 
 /// PyTorch `nearest` resize of `x [B, H, W, C]` to `[B, out_h, out_w, C]`.
-pub(super) fn upsample_nearest(x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
-    const OP: &str = "upsample_nearest";
-    let [b, h, w, c] = x.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!("x must be [B, H, W, C], got {:?}", x.shape),
-        ));
-    };
-    if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "upsample_nearest: cannot resize {h}×{w} to {out_h}×{out_w} (sizes must be positive)"
-        )));
-    }
-    let out_shape = vec![b, out_h, out_w, c];
-    let n = output_numel(OP, &out_shape)?;
-    // With B = 0 or C = 0 the output is empty, but the per-row index tables are not.
-    output_numel(OP, &[b.max(1), out_h, out_w, c.max(1)])?;
+pub(super) fn upsample_nearest(op: UpsampleNearest<'_, CpuTensor>) -> CpuTensor {
+    let (x, h, w, c) = (op.x, op.in_h, op.in_w, op.channels);
+    let (out_h, out_w) = (op.out_h, op.out_w);
+    let out_shape = op.out_shape();
+    let n = out_shape.iter().product();
     // PyTorch's rule (no scale_factor given): scale = in / out in f32, src = min(⌊dst·scale⌋, in−1).
     let src_index = |dst: usize, inp: usize, out: usize| -> usize {
         let scale = inp as f32 / out as f32;
@@ -154,26 +122,14 @@ pub(super) fn upsample_nearest(x: &CpuTensor, out_h: usize, out_w: usize) -> Res
             }
         });
     }
-    Ok(tensor(out_shape, out))
+    tensor(out_shape, out)
 }
 
 /// `[.., Ca]`, `[.., Cb]` → `[.., Ca + Cb]`.
-pub(super) fn concat_channels(a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-    const OP: &str = "concat_channels";
-    let (_, ca) = rows_and_last(OP, "a", a)?;
-    let (_, cb) = rows_and_last(OP, "b", b)?;
-    if a.shape[..a.shape.len() - 1] != b.shape[..b.shape.len() - 1] {
-        return Err(Error::shape(
-            OP,
-            format!("leading dimensions differ: {:?} vs {:?}", a.shape, b.shape),
-        ));
-    }
+pub(super) fn concat_channels(op: ConcatChannels<'_, CpuTensor>) -> CpuTensor {
+    let (a, b, ca, cb) = (op.a, op.b, op.a_channels, op.b_channels);
     let c = ca + cb;
-    let mut shape = a.shape.clone();
-    if let Some(last) = shape.last_mut() {
-        *last = c;
-    }
-    let mut out = vec![0.0f32; output_numel(OP, &shape)?];
+    let mut out = vec![0.0f32; op.rows * c];
     if c > 0 {
         out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
             let (oa, ob) = o.split_at_mut(ca);
@@ -181,36 +137,26 @@ pub(super) fn concat_channels(a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor>
             ob.copy_from_slice(&b.data()[r * cb..][..cb]);
         });
     }
-    Ok(tensor(shape, out))
+    tensor(op.out_shape, out)
 }
 
 /// Rows of `table [V, D]` picked by `ids` → `[ids.len(), D]`.
-pub(super) fn embedding(ids: &[u32], table: &CpuTensor) -> Result<CpuTensor> {
-    let [v, d] = table.shape[..] else {
-        return Err(Error::shape(
-            "embedding",
-            format!("table must be [V, D], got {:?}", table.shape),
-        ));
-    };
-    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
-        return Err(Error::InvalidArgument(format!(
-            "embedding: id {bad} is out of range for a table of {v} rows"
-        )));
-    }
-    let mut out = vec![0.0f32; output_numel("embedding", &[ids.len(), d])?];
+pub(super) fn embedding(op: Embedding<'_, CpuTensor>) -> CpuTensor {
+    let (ids, table, d) = (op.ids, op.table, op.dim);
+    let mut out = vec![0.0f32; ids.len() * d];
     if d > 0 {
         out.par_chunks_mut(d).zip(ids).for_each(|(o, &id)| {
             o.copy_from_slice(&table.data()[id as usize * d..][..d]);
         });
     }
-    Ok(tensor(vec![ids.len(), d], out))
+    tensor(vec![ids.len(), d], out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testutil::{assert_close, Rng};
     use super::super::CpuBackend;
-    use crate::backend::Backend;
+    use crate::backend::{Backend, Tensor};
 
     fn f64s(x: &[f32]) -> Vec<f64> {
         x.iter().map(|&v| v as f64).collect()

@@ -4,6 +4,7 @@
 //! copying them.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -109,6 +110,29 @@ pub(crate) fn matmul(
         );
     }
     Ok(())
+}
+
+/// Output buffer `[rows, n]` pre-filled with `residual + bias` (either optional); returns whether
+/// the GEMM must accumulate into it.
+pub(super) fn init_output(
+    rows: usize,
+    n: usize,
+    bias: Option<&super::CpuTensor>,
+    residual: Option<&super::CpuTensor>,
+) -> (Vec<f32>, bool) {
+    let mut out = vec![0.0f32; rows * n];
+    if n == 0 || (bias.is_none() && residual.is_none()) {
+        return (out, false);
+    }
+    out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
+        if let Some(res) = residual {
+            o.copy_from_slice(&res.data()[r * n..][..n]);
+        }
+        if let Some(b) = bias {
+            o.iter_mut().zip(b.data()).for_each(|(o, b)| *o += b);
+        }
+    });
+    (out, true)
 }
 
 #[cfg(test)]

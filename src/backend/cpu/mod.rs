@@ -4,17 +4,17 @@
 //! in the norms, f32 softmax with the row maximum subtracted, exact erf GELU), then speed: every
 //! matmul-shaped op is one or a few large GEMMs, every other op is a `par_chunks` over rows.
 //!
-//! Files: `gemm.rs` (the safe wrapper over `gemm::gemm`), `conv.rs` (linear and conv2d),
-//! `attention.rs` (blocked multi-head attention), `norm.rs` (group and layer norm),
+//! Files: `gemm.rs` (the safe wrapper over `gemm::gemm`), `linear.rs`, `conv.rs` (conv2d as
+//! im2col GEMMs), `attention.rs` (blocked multi-head attention), `norm.rs` (group and layer norm),
 //! `elementwise.rs` (activations, add, resize, concat, embedding) and `math.rs` (exp, SiLU, GELU).
 //!
-//! Every op validates its shapes first and answers a mismatch with `Error::Shape` (or
-//! `Error::InvalidArgument` for a bad scalar argument), never a panic.
+//! Every op receives arguments `backend::contract` has checked; nothing here repeats a shape rule.
 
 mod attention;
 mod conv;
 mod elementwise;
 mod gemm;
+mod linear;
 mod math;
 mod memory;
 mod norm;
@@ -23,7 +23,8 @@ pub use memory::keep_freed_memory;
 
 use std::sync::Arc;
 
-use crate::backend::Backend;
+use crate::backend::contract::{self, numel};
+use crate::backend::{Compute, Tensor};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
@@ -66,51 +67,14 @@ impl CpuTensor {
         &self.data
     }
 
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
     pub fn numel(&self) -> usize {
         self.data.len()
     }
 }
 
-/// The product of `shape`, or `None` on overflow.
-fn numel(shape: &[usize]) -> Option<usize> {
-    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
-}
-
-/// The element count of an op's output `shape`, or an error when it would not fit in memory
-/// (a byte count above `isize::MAX` makes `Vec` panic).
-fn output_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
-    numel(shape)
-        .filter(|n| {
-            n.checked_mul(std::mem::size_of::<f32>())
-                .is_some_and(|b| b <= isize::MAX as usize)
-        })
-        .ok_or_else(|| Error::too_large(op, format!("output {shape:?} is too large")))
-}
-
-/// `[.., C]` → `(rows, C)`; a 0-dimensional tensor is an error.
-fn rows_and_last(op: &'static str, what: &str, t: &CpuTensor) -> Result<(usize, usize)> {
-    match t.shape.split_last() {
-        Some((&last, lead)) => Ok((lead.iter().product(), last)),
-        None => Err(Error::shape(
-            op,
-            format!("{what} needs at least 1 dimension, got a scalar"),
-        )),
-    }
-}
-
-/// Errors unless `t` has exactly shape `want`.
-fn expect_shape(op: &'static str, what: &str, t: &CpuTensor, want: &[usize]) -> Result<()> {
-    if t.shape == want {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            format!("{what} must have shape {want:?}, got {:?}", t.shape),
-        ))
+impl Tensor for CpuTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
     }
 }
 
@@ -122,9 +86,22 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend
     }
+
+    /// A fresh copy of `x` (`sd21-bench` measures the memory-bandwidth ceiling with it).
+    pub fn copy(&self, x: &CpuTensor) -> CpuTensor {
+        use rayon::prelude::*;
+        let mut out = vec![0.0f32; x.numel()];
+        out.par_chunks_mut(1 << 16)
+            .zip(x.data().par_chunks(1 << 16))
+            .for_each(|(dst, src)| dst.copy_from_slice(src));
+        CpuTensor {
+            shape: x.shape.clone(),
+            data: Arc::new(out),
+        }
+    }
 }
 
-impl Backend for CpuBackend {
+impl Compute for CpuBackend {
     type Tensor = CpuTensor;
 
     fn describe(&self) -> String {
@@ -139,83 +116,35 @@ impl Backend for CpuBackend {
         Ok(t.to_host())
     }
 
-    fn shape<'a>(&self, t: &'a CpuTensor) -> &'a [usize] {
-        &t.shape
-    }
-
-    fn reshape(&self, t: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
-        if numel(shape) != Some(t.numel()) {
-            return Err(Error::shape(
-                "reshape",
-                format!(
-                    "cannot view {:?} ({} values) as {shape:?}",
-                    t.shape,
-                    t.numel()
-                ),
-            ));
-        }
-        Ok(CpuTensor {
-            shape: shape.to_vec(),
+    fn view(&self, t: &CpuTensor, shape: Vec<usize>) -> CpuTensor {
+        CpuTensor {
+            shape,
             data: Arc::clone(&t.data),
-        })
+        }
     }
 
-    fn linear(
-        &self,
-        x: &CpuTensor,
-        weight: &CpuTensor,
-        bias: Option<&CpuTensor>,
-    ) -> Result<CpuTensor> {
-        conv::linear(x, weight, bias)
+    fn linear(&self, op: contract::Linear<'_, CpuTensor>) -> Result<CpuTensor> {
+        linear::linear(op)
     }
 
-    fn conv2d(
-        &self,
-        x: &CpuTensor,
-        weight: &CpuTensor,
-        bias: Option<&CpuTensor>,
-        stride: usize,
-        padding: usize,
-        residual: Option<&CpuTensor>,
-    ) -> Result<CpuTensor> {
-        conv::conv2d(x, weight, bias, stride, padding, residual)
+    fn conv2d(&self, op: contract::Conv2d<'_, CpuTensor>) -> Result<CpuTensor> {
+        conv::conv2d(op)
     }
 
-    fn group_norm(
-        &self,
-        x: &CpuTensor,
-        groups: usize,
-        gamma: &CpuTensor,
-        beta: &CpuTensor,
-        eps: f32,
-        silu: bool,
-    ) -> Result<CpuTensor> {
-        norm::group_norm(x, groups, gamma, beta, eps, silu)
+    fn group_norm(&self, op: contract::GroupNorm<'_, CpuTensor>) -> Result<CpuTensor> {
+        norm::group_norm(op)
     }
 
-    fn layer_norm(
-        &self,
-        x: &CpuTensor,
-        gamma: &CpuTensor,
-        beta: &CpuTensor,
-        eps: f32,
-    ) -> Result<CpuTensor> {
-        norm::layer_norm(x, gamma, beta, eps)
+    fn layer_norm(&self, op: contract::LayerNorm<'_, CpuTensor>) -> Result<CpuTensor> {
+        norm::layer_norm(op)
     }
 
-    fn attention(
-        &self,
-        q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
-        heads: usize,
-        causal: bool,
-    ) -> Result<CpuTensor> {
-        attention::attention(q, k, v, heads, causal)
+    fn attention(&self, op: contract::Attention<'_, CpuTensor>) -> Result<CpuTensor> {
+        attention::attention(op)
     }
 
-    fn geglu(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::geglu(x)
+    fn geglu(&self, op: contract::Geglu<'_, CpuTensor>) -> Result<CpuTensor> {
+        Ok(elementwise::geglu(op))
     }
 
     fn gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
@@ -226,33 +155,24 @@ impl Backend for CpuBackend {
         Ok(elementwise::map(x, math::silu))
     }
 
-    fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::add(a, b)
+    fn add(&self, op: contract::Add<'_, CpuTensor>) -> Result<CpuTensor> {
+        Ok(elementwise::add(op))
     }
 
-    fn add_per_channel(&self, x: &CpuTensor, v: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::add_per_channel(x, v)
+    fn add_per_channel(&self, op: contract::AddPerChannel<'_, CpuTensor>) -> Result<CpuTensor> {
+        Ok(elementwise::add_per_channel(op))
     }
 
-    fn upsample_nearest(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
-        elementwise::upsample_nearest(x, out_h, out_w)
+    fn upsample_nearest(&self, op: contract::UpsampleNearest<'_, CpuTensor>) -> Result<CpuTensor> {
+        Ok(elementwise::upsample_nearest(op))
     }
 
-    fn concat_channels(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::concat_channels(a, b)
+    fn concat_channels(&self, op: contract::ConcatChannels<'_, CpuTensor>) -> Result<CpuTensor> {
+        Ok(elementwise::concat_channels(op))
     }
 
-    fn embedding(&self, ids: &[u32], table: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::embedding(ids, table)
-    }
-
-    fn copy(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        use rayon::prelude::*;
-        let mut out = vec![0.0f32; x.numel()];
-        out.par_chunks_mut(1 << 16)
-            .zip(x.data().par_chunks(1 << 16))
-            .for_each(|(dst, src)| dst.copy_from_slice(src));
-        CpuTensor::new(x.shape().to_vec(), out)
+    fn embedding(&self, op: contract::Embedding<'_, CpuTensor>) -> Result<CpuTensor> {
+        Ok(elementwise::embedding(op))
     }
 }
 
@@ -261,6 +181,7 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::CpuTensor;
+    use crate::backend::Tensor;
 
     /// xorshift64* — deterministic, seedable, good enough for test data.
     pub struct Rng(u64);
@@ -319,8 +240,12 @@ pub(crate) mod testutil {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::testutil::Rng;
-    use super::*;
+    use super::{CpuBackend, CpuTensor};
+    use crate::backend::{Backend, Tensor};
+    use crate::tensor::HostTensor;
 
     #[test]
     fn upload_download_reshape_roundtrip() {
@@ -328,10 +253,10 @@ mod tests {
         let mut rng = Rng::new(1);
         let host = HostTensor::new(vec![2, 3, 5], rng.vec(30, 1.0)).unwrap();
         let t = be.upload(&host).unwrap();
-        assert_eq!(be.shape(&t), &[2, 3, 5]);
+        assert_eq!(t.shape(), &[2, 3, 5]);
         assert_eq!(be.download(&t).unwrap(), host);
         let r = be.reshape(&t, &[6, 5]).unwrap();
-        assert_eq!(be.shape(&r), &[6, 5]);
+        assert_eq!(r.shape(), &[6, 5]);
         assert_eq!(r.data(), host.data.as_slice());
         assert!(Arc::ptr_eq(&r.data, &t.data), "reshape must not copy");
         assert!(be.reshape(&t, &[7, 5]).is_err());
@@ -359,7 +284,7 @@ mod timing {
 
     use super::testutil::Rng;
     use super::CpuBackend;
-    use crate::backend::Backend;
+    use crate::backend::{Activation, Backend, Mask};
 
     fn time<T>(what: &str, flop: f64, f: impl Fn() -> T) {
         f(); // warm-up (page faults, gemm's thread-local buffers)
@@ -398,17 +323,18 @@ mod timing {
         let v = rng.tensor(&[2, 4096, 320], 1.0);
         let attn_flop = 4.0 * 2.0 * 4096.0 * 4096.0 * 320.0;
         time("attention [2,4096,320] 5 heads", attn_flop, || {
-            be.attention(&q, &k, &v, 5, false).unwrap()
+            be.attention(&q, &k, &v, 5, Mask::None).unwrap()
         });
         let ctx = rng.tensor(&[2, 77, 320], 1.0);
         time(
             "cross-attention [2,4096,320]×77",
             attn_flop * 77.0 / 4096.0,
-            || be.attention(&q, &ctx, &ctx, 5, false).unwrap(),
+            || be.attention(&q, &ctx, &ctx, 5, Mask::None).unwrap(),
         );
         let gamma = rng.tensor(&[320], 1.0);
         time("group_norm+silu [2,64,64,320]/32", 0.0, || {
-            be.group_norm(&x, 32, &gamma, &b, 1e-5, true).unwrap()
+            be.group_norm(&x, 32, &gamma, &b, 1e-5, Activation::Silu)
+                .unwrap()
         });
         let h = rng.tensor(&[2, 4096, 2560], 1.0);
         time("geglu [2,4096,2560]", 0.0, || be.geglu(&h).unwrap());

@@ -12,21 +12,13 @@ use std::sync::Arc;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{expect_shape, math, rows_and_last, CpuTensor};
-use crate::{Error, Result};
+use super::{math, CpuTensor};
+use crate::backend::contract::{GroupNorm, LayerNorm};
+use crate::backend::Activation;
+use crate::Result;
 
 /// Spatial rows per rayon task in the statistics passes.
 const STAT_ROWS: usize = 64;
-
-fn check_eps(op: &str, eps: f32) -> Result<()> {
-    if eps.is_finite() && eps >= 0.0 {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "{op}: eps must be finite and ≥ 0, got {eps}"
-        )))
-    }
-}
 
 /// Per-group sums of `f(x)` over the rows of one image `[S, C]`.
 fn group_sums(
@@ -68,32 +60,10 @@ fn normalize_row(o: &mut [f32], x: &[f32], scale: &[f32], shift: &[f32], silu: b
     }
 }
 
-pub(super) fn group_norm(
-    x: &CpuTensor,
-    groups: usize,
-    gamma: &CpuTensor,
-    beta: &CpuTensor,
-    eps: f32,
-    silu: bool,
-) -> Result<CpuTensor> {
-    const OP: &str = "group_norm";
-    if x.shape.len() < 2 {
-        return Err(Error::shape(
-            OP,
-            format!("x must be [B, .., C], got {:?}", x.shape),
-        ));
-    }
-    let b = x.shape[0];
-    let c = x.shape[x.shape.len() - 1];
-    if groups == 0 || !c.is_multiple_of(groups) {
-        return Err(Error::shape(
-            OP,
-            format!("{c} channels cannot be split into {groups} groups"),
-        ));
-    }
-    expect_shape(OP, "gamma", gamma, &[c])?;
-    expect_shape(OP, "beta", beta, &[c])?;
-    check_eps(OP, eps)?;
+pub(super) fn group_norm(op: GroupNorm<'_, CpuTensor>) -> Result<CpuTensor> {
+    let (x, gamma, beta, groups, eps) = (op.x, op.gamma, op.beta, op.groups, op.eps);
+    let (b, c) = (op.batch, op.channels);
+    let silu = op.activation == Activation::Silu;
     let mut out = vec![0.0f32; x.numel()];
     if x.numel() == 0 {
         return Ok(CpuTensor {
@@ -101,7 +71,7 @@ pub(super) fn group_norm(
             data: Arc::new(out),
         });
     }
-    let s = x.numel() / (b * c); // spatial positions per image
+    let s = op.spatial; // spatial positions per image
     let cg = c / groups;
     let count = (s * cg) as f64;
 
@@ -140,17 +110,8 @@ pub(super) fn group_norm(
     })
 }
 
-pub(super) fn layer_norm(
-    x: &CpuTensor,
-    gamma: &CpuTensor,
-    beta: &CpuTensor,
-    eps: f32,
-) -> Result<CpuTensor> {
-    const OP: &str = "layer_norm";
-    let (_, c) = rows_and_last(OP, "x", x)?;
-    expect_shape(OP, "gamma", gamma, &[c])?;
-    expect_shape(OP, "beta", beta, &[c])?;
-    check_eps(OP, eps)?;
+pub(super) fn layer_norm(op: LayerNorm<'_, CpuTensor>) -> Result<CpuTensor> {
+    let (x, gamma, beta, eps, c) = (op.x, op.gamma, op.beta, op.eps, op.channels);
     let mut out = vec![0.0f32; x.numel()];
     if c > 0 {
         let (g, bt) = (gamma.data(), beta.data());
@@ -183,7 +144,7 @@ pub(super) fn layer_norm(
 mod tests {
     use super::super::testutil::{assert_close, Rng};
     use super::super::{CpuBackend, CpuTensor};
-    use crate::backend::Backend;
+    use crate::backend::{Activation, Backend, Tensor};
 
     /// Naive group norm over `[B, S, C]` in f64.
     fn group_norm_ref(
@@ -192,7 +153,7 @@ mod tests {
         gamma: &[f32],
         beta: &[f32],
         eps: f64,
-        silu: bool,
+        activation: Activation,
     ) -> Vec<f64> {
         let shape = x.shape();
         let (b, c) = (shape[0], shape[shape.len() - 1]);
@@ -224,7 +185,7 @@ mod tests {
                         let mut y = (xd[idx(p, j)] as f64 - mean) / (var + eps).sqrt()
                             * gamma[ch] as f64
                             + beta[ch] as f64;
-                        if silu {
+                        if activation == Activation::Silu {
                             y /= 1.0 + (-y).exp();
                         }
                         out[idx(p, j)] = y;
@@ -260,13 +221,13 @@ mod tests {
             .unwrap();
             let gamma = rng.tensor(&[c], 1.5);
             let beta = rng.tensor(&[c], 1.0);
-            for silu in [false, true] {
+            for activation in [Activation::None, Activation::Silu] {
                 let got = be
-                    .group_norm(&x, groups, &gamma, &beta, 1e-5, silu)
+                    .group_norm(&x, groups, &gamma, &beta, 1e-5, activation)
                     .unwrap();
-                let want = group_norm_ref(&x, groups, gamma.data(), beta.data(), 1e-5, silu);
+                let want = group_norm_ref(&x, groups, gamma.data(), beta.data(), 1e-5, activation);
                 assert_close(
-                    &format!("group_norm {shape:?}/{groups} silu={silu}"),
+                    &format!("group_norm {shape:?}/{groups} {activation:?}"),
                     &got,
                     shape,
                     &want,
@@ -283,8 +244,10 @@ mod tests {
         let x = rng.tensor(&[2, 5, 3, 8], 1e-3);
         let gamma = rng.tensor(&[8], 1.0);
         let beta = rng.tensor(&[8], 1.0);
-        let got = be.group_norm(&x, 2, &gamma, &beta, 1e-6, false).unwrap();
-        let want = group_norm_ref(&x, 2, gamma.data(), beta.data(), 1e-6, false);
+        let got = be
+            .group_norm(&x, 2, &gamma, &beta, 1e-6, Activation::None)
+            .unwrap();
+        let want = group_norm_ref(&x, 2, gamma.data(), beta.data(), 1e-6, Activation::None);
         assert_close("group_norm small variance", &got, x.shape(), &want);
         let got = be.layer_norm(&x, &gamma, &beta, 1e-6).unwrap();
         let mut want = Vec::new();
@@ -307,26 +270,41 @@ mod tests {
         let mut rng = Rng::new(22);
         let x = rng.tensor(&[1, 4, 4, 12], 1.0);
         let g = rng.tensor(&[12], 1.0);
-        assert!(be.group_norm(&x, 5, &g, &g, 1e-5, false).is_err(), "12 % 5");
         assert!(
-            be.group_norm(&x, 0, &g, &g, 1e-5, false).is_err(),
+            be.group_norm(&x, 5, &g, &g, 1e-5, Activation::None)
+                .is_err(),
+            "12 % 5"
+        );
+        assert!(
+            be.group_norm(&x, 0, &g, &g, 1e-5, Activation::None)
+                .is_err(),
             "0 groups"
         );
         let g11 = rng.tensor(&[11], 1.0);
-        assert!(be.group_norm(&x, 4, &g11, &g, 1e-5, false).is_err());
-        assert!(be.group_norm(&x, 4, &g, &g11, 1e-5, false).is_err());
-        assert!(be.group_norm(&g, 4, &g, &g, 1e-5, false).is_err(), "1-D x");
+        assert!(be
+            .group_norm(&x, 4, &g11, &g, 1e-5, Activation::None)
+            .is_err());
+        assert!(be
+            .group_norm(&x, 4, &g, &g11, 1e-5, Activation::None)
+            .is_err());
         assert!(
-            be.group_norm(&x, 4, &g, &g, -1.0, false).is_err(),
+            be.group_norm(&g, 4, &g, &g, 1e-5, Activation::None)
+                .is_err(),
+            "1-D x"
+        );
+        assert!(
+            be.group_norm(&x, 4, &g, &g, -1.0, Activation::None)
+                .is_err(),
             "negative eps"
         );
         assert!(
-            be.group_norm(&x, 4, &g, &g, f32::NAN, false).is_err(),
+            be.group_norm(&x, 4, &g, &g, f32::NAN, Activation::None)
+                .is_err(),
             "NaN eps"
         );
         let empty = CpuTensor::new(vec![0, 4, 4, 12], vec![]).unwrap();
         assert_eq!(
-            be.group_norm(&empty, 4, &g, &g, 1e-5, true)
+            be.group_norm(&empty, 4, &g, &g, 1e-5, Activation::Silu)
                 .unwrap()
                 .shape(),
             &[0, 4, 4, 12]

@@ -1,5 +1,5 @@
 //! [`CudaBackend`]: device selection, the stream, the cuBLAS handle, the loaded kernels, tensor
-//! allocation, and the `Backend` impl that hands each op to its family's wrapper.
+//! allocation, and the `Compute` impl that hands each checked op to its family's wrapper.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,8 +12,9 @@ use half::f16;
 
 use super::graphs::{self, GraphCache};
 use super::kernels::{driver_error, Kernels};
-use super::{attention, conv, elementwise, linear, norm};
-use crate::backend::{Backend, RecordedFn};
+use super::RecordingId;
+use super::{attention, conv, elementwise, linear, norm, transfer};
+use crate::backend::{contract, Compute, RecordedFn, Tensor};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
@@ -32,36 +33,15 @@ impl CudaTensor {
         }
     }
 
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
     /// Number of elements (the shape was checked when the tensor was made).
     pub fn numel(&self) -> usize {
         self.data.len()
     }
+}
 
-    /// `[.., C]` → `(rows, C)`; a 0-dimensional tensor is an error.
-    pub(super) fn rows_and_last(&self, op: &'static str, what: &str) -> Result<(usize, usize)> {
-        match self.shape.split_last() {
-            Some((&last, lead)) => Ok((lead.iter().product(), last)),
-            None => Err(Error::shape(
-                op,
-                format!("{what} needs at least 1 dimension, got a scalar"),
-            )),
-        }
-    }
-
-    /// Errors unless this tensor has exactly shape `want`.
-    pub(super) fn expect_shape(&self, op: &'static str, what: &str, want: &[usize]) -> Result<()> {
-        if self.shape == want {
-            Ok(())
-        } else {
-            Err(Error::shape(
-                op,
-                format!("{what} must have shape {want:?}, got {:?}", self.shape),
-            ))
-        }
+impl Tensor for CudaTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
     }
 }
 
@@ -96,9 +76,6 @@ pub struct CudaBackend {
     bias_epilogue_fallbacks: AtomicUsize,
     pub(super) kernels: Kernels,
     debug_checks: AtomicBool,
-    /// CUDA graphs for `run_recorded` (off unless asked for: SD21_CUDA_GRAPHS=1 or
-    /// `set_recording`).
-    recording: AtomicBool,
     pub(super) graph_cache: Mutex<GraphCache>,
     capability: (i32, i32),
     /// Convolutions use `conv2d_implicit_gemm_sm90` (see `hopper_conv_active`).
@@ -169,7 +146,6 @@ impl CudaBackend {
             bias_epilogue_fallbacks: AtomicUsize::new(0),
             kernels,
             debug_checks: AtomicBool::new(false),
-            recording: AtomicBool::new(graphs_from_env()),
             graph_cache: Mutex::new(GraphCache::default()),
             capability: (major, minor),
             hopper_conv: AtomicBool::new(false),
@@ -195,7 +171,7 @@ impl CudaBackend {
         ];
         let mut active = Vec::new();
         for (kernel, what, check, flag) in hopper {
-            if !backend.kernels.has(kernel) || env_says_off("SD21_WGMMA") {
+            if !backend.kernels.has(kernel) || crate::env::flag("SD21_WGMMA") == Some(false) {
                 continue;
             }
             match check(&backend) {
@@ -273,7 +249,8 @@ impl CudaBackend {
         weight: &CudaTensor,
         bias: &CudaTensor,
     ) -> Result<CudaTensor> {
-        linear::linear_bias_epilogue(self, x, weight, bias)?.map_err(Error::Backend)
+        let op = contract::linear(x, weight, Some(bias))?;
+        linear::linear_bias_epilogue(self, &op, bias)?.map_err(Error::Backend)
     }
 
     /// How many linear layers so far ran GemmEx + the bias kernel because the cuBLASLt bias
@@ -291,10 +268,6 @@ impl CudaBackend {
                 self.description
             );
         }
-    }
-
-    pub(super) fn recording(&self) -> bool {
-        self.recording.load(Ordering::Relaxed)
     }
 
     /// How many times a recorded CUDA graph was launched (tests check that replays happened).
@@ -341,27 +314,6 @@ impl CudaBackend {
         }
         Ok(())
     }
-}
-
-/// True when environment variable `name` is 0, false, off or no.
-fn env_says_off(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "0" | "false" | "off" | "no"
-        )
-    })
-}
-
-/// SD21_CUDA_GRAPHS=1 (or true/on/yes) switches CUDA graphs on for the UNet (off by default until
-/// they have been measured on a GPU).
-fn graphs_from_env() -> bool {
-    std::env::var("SD21_CUDA_GRAPHS").is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "on" | "yes"
-        )
-    })
 }
 
 /// cuBLASLt on `stream`, or `None` (logged) when its library is missing or it fails to start:
@@ -431,7 +383,42 @@ fn alloc_error(
     }
 }
 
-impl Backend for CudaBackend {
+impl CudaBackend {
+    /// A device-to-device copy (`cuMemcpyDtoDAsync`); `sd21-bench` measures the bandwidth
+    /// ceiling with it.
+    pub fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let mut out = self.alloc_f16("copy", x.numel())?;
+        if x.numel() > 0 {
+            self.stream
+                .memcpy_dtod(x.data.as_ref(), &mut out)
+                .map_err(driver_error("copying on the device"))?;
+        }
+        Ok(CudaTensor::new(x.shape.clone(), out))
+    }
+
+    /// Waits for all work queued on the backend's stream (benchmarks call it before reading the
+    /// clock).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_error("synchronising the stream"))
+    }
+
+    /// `f(inputs)`, recorded once per `recording` and input shapes as a CUDA graph and replayed on
+    /// later calls with new input values (see `graphs.rs`); eager in debug mode.
+    /// `f` must be a pure function of its inputs' values and of tensors that outlive the recording
+    /// (the weights), issuing only device ops: no upload, download or synchronisation.
+    pub fn run_recorded(
+        &self,
+        recording: RecordingId,
+        inputs: &[&CudaTensor],
+        f: &RecordedFn<'_, CudaTensor>,
+    ) -> Result<CudaTensor> {
+        graphs::run_recorded(self, recording, inputs, f)
+    }
+}
+
+impl Compute for CudaBackend {
     type Tensor = CudaTensor;
 
     fn describe(&self) -> String {
@@ -439,91 +426,42 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, host: &HostTensor) -> Result<CudaTensor> {
-        elementwise::upload(self, host)
+        transfer::upload(self, host)
     }
 
     fn download(&self, t: &CudaTensor) -> Result<HostTensor> {
-        elementwise::download(self, t)
+        transfer::download(self, t)
     }
 
-    fn shape<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
-        &t.shape
-    }
-
-    fn reshape(&self, t: &CudaTensor, shape: &[usize]) -> Result<CudaTensor> {
-        let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if n != Some(t.numel()) {
-            return Err(Error::shape(
-                "reshape",
-                format!(
-                    "cannot view {:?} ({} values) as {shape:?}",
-                    t.shape,
-                    t.numel()
-                ),
-            ));
-        }
-        Ok(CudaTensor {
-            shape: shape.to_vec(),
+    fn view(&self, t: &CudaTensor, shape: Vec<usize>) -> CudaTensor {
+        CudaTensor {
+            shape,
             data: Arc::clone(&t.data),
-        })
+        }
     }
 
-    fn linear(
-        &self,
-        x: &CudaTensor,
-        weight: &CudaTensor,
-        bias: Option<&CudaTensor>,
-    ) -> Result<CudaTensor> {
-        linear::linear(self, x, weight, bias)
+    fn linear(&self, op: contract::Linear<'_, CudaTensor>) -> Result<CudaTensor> {
+        linear::linear(self, op)
     }
 
-    fn conv2d(
-        &self,
-        x: &CudaTensor,
-        weight: &CudaTensor,
-        bias: Option<&CudaTensor>,
-        stride: usize,
-        padding: usize,
-        residual: Option<&CudaTensor>,
-    ) -> Result<CudaTensor> {
-        conv::conv2d(self, x, weight, bias, stride, padding, residual)
+    fn conv2d(&self, op: contract::Conv2d<'_, CudaTensor>) -> Result<CudaTensor> {
+        conv::conv2d(self, op)
     }
 
-    fn group_norm(
-        &self,
-        x: &CudaTensor,
-        groups: usize,
-        gamma: &CudaTensor,
-        beta: &CudaTensor,
-        eps: f32,
-        silu: bool,
-    ) -> Result<CudaTensor> {
-        norm::group_norm(self, x, groups, gamma, beta, eps, silu)
+    fn group_norm(&self, op: contract::GroupNorm<'_, CudaTensor>) -> Result<CudaTensor> {
+        norm::group_norm(self, op)
     }
 
-    fn layer_norm(
-        &self,
-        x: &CudaTensor,
-        gamma: &CudaTensor,
-        beta: &CudaTensor,
-        eps: f32,
-    ) -> Result<CudaTensor> {
-        norm::layer_norm(self, x, gamma, beta, eps)
+    fn layer_norm(&self, op: contract::LayerNorm<'_, CudaTensor>) -> Result<CudaTensor> {
+        norm::layer_norm(self, op)
     }
 
-    fn attention(
-        &self,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
-        heads: usize,
-        causal: bool,
-    ) -> Result<CudaTensor> {
-        attention::attention(self, q, k, v, heads, causal)
+    fn attention(&self, op: contract::Attention<'_, CudaTensor>) -> Result<CudaTensor> {
+        attention::attention(self, op)
     }
 
-    fn geglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        elementwise::geglu(self, x)
+    fn geglu(&self, op: contract::Geglu<'_, CudaTensor>) -> Result<CudaTensor> {
+        elementwise::geglu(self, op)
     }
 
     fn gelu(&self, x: &CudaTensor) -> Result<CudaTensor> {
@@ -534,56 +472,26 @@ impl Backend for CudaBackend {
         elementwise::unary(self, "silu_f16", x)
     }
 
-    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
-        elementwise::add(self, a, b)
+    fn add(&self, op: contract::Add<'_, CudaTensor>) -> Result<CudaTensor> {
+        elementwise::add(self, op)
     }
 
-    fn add_per_channel(&self, x: &CudaTensor, v: &CudaTensor) -> Result<CudaTensor> {
-        elementwise::add_per_channel(self, x, v)
+    fn add_per_channel(&self, op: contract::AddPerChannel<'_, CudaTensor>) -> Result<CudaTensor> {
+        elementwise::add_per_channel(self, op)
     }
 
-    fn upsample_nearest(&self, x: &CudaTensor, out_h: usize, out_w: usize) -> Result<CudaTensor> {
-        elementwise::upsample_nearest(self, x, out_h, out_w)
-    }
-
-    fn concat_channels(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
-        elementwise::concat_channels(self, a, b)
-    }
-
-    fn embedding(&self, ids: &[u32], table: &CudaTensor) -> Result<CudaTensor> {
-        elementwise::embedding(self, ids, table)
-    }
-
-    /// A device-to-device copy (`cuMemcpyDtoDAsync`).
-    fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        let mut out = self.alloc_f16("copy", x.numel())?;
-        if x.numel() > 0 {
-            self.stream
-                .memcpy_dtod(x.data.as_ref(), &mut out)
-                .map_err(driver_error("copying on the device"))?;
-        }
-        Ok(CudaTensor::new(x.shape.clone(), out))
-    }
-
-    /// Waits for all work queued on the backend's stream.
-    fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(driver_error("synchronising the stream"))
-    }
-
-    /// CUDA graphs when switched on (see `graphs.rs`); never in debug mode.
-    fn run_recorded(
+    fn upsample_nearest(
         &self,
-        key: &str,
-        inputs: &[&CudaTensor],
-        f: &RecordedFn<'_, CudaTensor>,
+        op: contract::UpsampleNearest<'_, CudaTensor>,
     ) -> Result<CudaTensor> {
-        graphs::run_recorded(self, key, inputs, f)
+        elementwise::upsample_nearest(self, op)
     }
 
-    fn set_recording(&self, on: bool) -> bool {
-        self.recording.store(on, Ordering::Relaxed);
-        true
+    fn concat_channels(&self, op: contract::ConcatChannels<'_, CudaTensor>) -> Result<CudaTensor> {
+        elementwise::concat_channels(self, op)
+    }
+
+    fn embedding(&self, op: contract::Embedding<'_, CudaTensor>) -> Result<CudaTensor> {
+        elementwise::embedding(self, op)
     }
 }

@@ -3,12 +3,14 @@
 //! over K when its output tiles are too few to fill the chip, then a reduce), the direct kernel
 //! otherwise (SD 2.1's conv_in with 4 latent channels, odd test shapes).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
 
 use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::params::ConvParams;
 use super::kernels::{launch_error, per_element_config, to_i32};
 use super::self_check::{agree, RandomTensors};
+use crate::backend::contract::{self, Conv2d};
 use crate::{Error, Result};
 
 /// Tile sizes and shared memory of `conv2d_implicit_gemm` (see the kernel's header).
@@ -59,172 +61,143 @@ fn split_k(blocks: usize, k_tiles: usize, sm_count: usize) -> (usize, usize) {
 
 /// NHWC conv: `x [B, H, W, C_in]`, `weight [C_out, kH, kW, C_in]`, `bias [C_out]`, symmetric
 /// zero padding, `residual` (output-shaped) added in the epilogue.
-pub(super) fn conv2d(
-    be: &CudaBackend,
-    x: &CudaTensor,
-    weight: &CudaTensor,
-    bias: Option<&CudaTensor>,
-    stride: usize,
-    padding: usize,
-    residual: Option<&CudaTensor>,
-) -> Result<CudaTensor> {
+pub(super) fn conv2d(be: &CudaBackend, op: Conv2d<'_, CudaTensor>) -> Result<CudaTensor> {
     let igemm = if be.hopper_conv_active() {
         &IGEMM_SM90
     } else {
         &IGEMM
     };
-    conv2d_with(be, igemm, x, weight, bias, stride, padding, residual)
+    conv2d_with(be, igemm, op)
+}
+
+/// The kernel's parameters for a checked conv (every size must fit an i32).
+fn conv_params(op: &Conv2d<'_, CudaTensor>) -> Result<ConvParams> {
+    const OP: &str = "conv2d";
+    to_i32(OP, "kH·kW·C_in", op.patch_len())?;
+    Ok(ConvParams {
+        batch: to_i32(OP, "batch", op.batch)?,
+        in_h: to_i32(OP, "H", op.in_h)?,
+        in_w: to_i32(OP, "W", op.in_w)?,
+        in_c: to_i32(OP, "C_in", op.c_in)?,
+        out_h: to_i32(OP, "out H", op.out_h)?,
+        out_w: to_i32(OP, "out W", op.out_w)?,
+        out_c: to_i32(OP, "C_out", op.c_out)?,
+        kernel_h: to_i32(OP, "kH", op.kernel_h)?,
+        kernel_w: to_i32(OP, "kW", op.kernel_w)?,
+        stride: to_i32(OP, "stride", op.stride)?,
+        pad: to_i32(OP, "padding", op.padding)?,
+        has_bias: op.bias.is_some() as i32,
+        has_residual: op.residual.is_some() as i32,
+        splits: 1,
+        k_tiles_per_split: 0,
+    })
 }
 
 /// [`conv2d`] with the implicit-GEMM kernel `igemm` (when `C_in % 8 == 0`).
-#[allow(clippy::too_many_arguments)]
 fn conv2d_with(
     be: &CudaBackend,
     igemm: &ImplicitGemm,
-    x: &CudaTensor,
-    weight: &CudaTensor,
-    bias: Option<&CudaTensor>,
-    stride: usize,
-    padding: usize,
-    residual: Option<&CudaTensor>,
+    op: Conv2d<'_, CudaTensor>,
 ) -> Result<CudaTensor> {
     const OP: &str = "conv2d";
-    let [b, h, w, c_in] = x.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!("x must be [B, H, W, C], got {:?}", x.shape),
-        ));
-    };
-    let [c_out, kh, kw, wc] = weight.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "weight must be [C_out, kH, kW, C_in], got {:?}",
-                weight.shape
-            ),
-        ));
-    };
-    if wc != c_in {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "weight {:?} expects {wc} input channels, x {:?} has {c_in}",
-                weight.shape, x.shape
-            ),
-        ));
-    }
-    if stride == 0 {
-        return Err(Error::InvalidArgument(format!("{OP}: stride must be ≥ 1")));
-    }
-    if kh == 0 || kw == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
-        return Err(Error::shape(
-            OP,
-            format!("a {kh}×{kw} kernel does not fit a {h}×{w} input with padding {padding}"),
-        ));
-    }
-    let out_h = (h + 2 * padding - kh) / stride + 1;
-    let out_w = (w + 2 * padding - kw) / stride + 1;
-    let shape = vec![b, out_h, out_w, c_out];
-    if let Some(bi) = bias {
-        bi.expect_shape(OP, "bias", &[c_out])?;
-    }
-    if let Some(r) = residual {
-        r.expect_shape(OP, "residual", &shape)?;
-    }
-    let m = b * out_h * out_w;
-    let n = m
-        .checked_mul(c_out)
-        .ok_or_else(|| Error::too_large(OP, format!("output {shape:?} is too large")))?;
-    let mut out = be.alloc_f16(OP, n)?;
+    let shape = op.out_shape();
+    let n = op.pixels() * op.c_out; // checked by the contract
+    let out = be.alloc_f16(OP, n)?;
     if n == 0 {
         return Ok(CudaTensor::new(shape, out));
     }
-    let p = ConvParams {
-        batch: to_i32(OP, "batch", b)?,
-        in_h: to_i32(OP, "H", h)?,
-        in_w: to_i32(OP, "W", w)?,
-        in_c: to_i32(OP, "C_in", c_in)?,
-        out_h: to_i32(OP, "out H", out_h)?,
-        out_w: to_i32(OP, "out W", out_w)?,
-        out_c: to_i32(OP, "C_out", c_out)?,
-        kernel_h: to_i32(OP, "kH", kh)?,
-        kernel_w: to_i32(OP, "kW", kw)?,
-        stride: to_i32(OP, "stride", stride)?,
-        pad: to_i32(OP, "padding", padding)?,
-        has_bias: bias.is_some() as i32,
-        has_residual: residual.is_some() as i32,
-        splits: 1,
-        k_tiles_per_split: 0,
-    };
-    let k = kh * kw * c_in;
-    to_i32(OP, "kH·kW·C_in", k)?;
+    let p = conv_params(&op)?;
+    if op.c_in.is_multiple_of(8) {
+        return implicit_gemm(be, igemm, &op, p, out);
+    }
+    direct(be, &op, p, out)
+}
 
-    if c_in.is_multiple_of(8) {
-        let grid_m = m.div_ceil(TILE_M);
-        let grid_n = c_out.div_ceil(TILE_N);
-        if grid_m > i32::MAX as usize || grid_n > 65535 {
-            return Err(Error::too_large(
-                OP,
-                format!("output {shape:?} exceeds the grid limits"),
-            ));
-        }
-        let k_tiles = k.div_ceil(igemm.tile_k);
-        let (splits, per_split) = split_k(grid_m * grid_n, k_tiles, be.kernels.sm_count);
-        let p = ConvParams {
-            splits: splits as i32,
-            k_tiles_per_split: per_split as i32,
-            ..p
-        };
-        let partial_len = if splits > 1 { splits * n } else { 0 };
-        let mut partial = be.alloc_f32(OP, partial_len)?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid_m as u32, grid_n as u32, splits as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: igemm.smem as u32,
-        };
-        let kernel = igemm.name;
-        let f = be.kernels.get_with_smem(kernel, igemm.smem)?;
-        let mut launch = be.stream.launch_builder(f);
+/// The implicit GEMM on tensor cores (`C_in % 8 == 0`), split over K when its tiles are too few.
+fn implicit_gemm(
+    be: &CudaBackend,
+    igemm: &ImplicitGemm,
+    op: &Conv2d<'_, CudaTensor>,
+    p: ConvParams,
+    mut out: CudaSlice<f16>,
+) -> Result<CudaTensor> {
+    const OP: &str = "conv2d";
+    let (x, weight, bias, residual) = (op.x, op.weight, op.bias, op.residual);
+    let (m, c_out, shape) = (op.pixels(), op.c_out, op.out_shape());
+    let n = m * c_out;
+    let grid_m = m.div_ceil(TILE_M);
+    let grid_n = c_out.div_ceil(TILE_N);
+    if grid_m > i32::MAX as usize || grid_n > 65535 {
+        return Err(Error::too_large(
+            OP,
+            format!("output {shape:?} exceeds the grid limits"),
+        ));
+    }
+    let k_tiles = op.patch_len().div_ceil(igemm.tile_k);
+    let (splits, per_split) = split_k(grid_m * grid_n, k_tiles, be.kernels.sm_count);
+    let p = ConvParams {
+        splits: splits as i32,
+        k_tiles_per_split: per_split as i32,
+        ..p
+    };
+    let partial_len = if splits > 1 { splits * n } else { 0 };
+    let mut partial = be.alloc_f32(OP, partial_len)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_m as u32, grid_n as u32, splits as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: igemm.smem as u32,
+    };
+    let kernel = igemm.name;
+    let f = be.kernels.get_with_smem(kernel, igemm.smem)?;
+    let mut launch = be.stream.launch_builder(f);
+    launch
+        .arg(x.data.as_ref())
+        .arg(weight.data.as_ref())
+        .arg(bias.unwrap_or(x).data.as_ref())
+        .arg(residual.unwrap_or(x).data.as_ref())
+        .arg(&mut out)
+        .arg(&mut partial)
+        .arg(&p);
+    // SAFETY: (const __half* x, const __half* w, const __half* bias, const __half* residual,
+    // __half* y, float* partial, ConvParams p): x holds B·H·W·C_in f16, w C_out·kH·kW·C_in,
+    // y and residual B·outH·outW·C_out, bias C_out (checked by `contract::conv2d`); input reads are
+    // bounds-checked against H×W (padding reads nothing), weight rows against C_out and K;
+    // bias/residual are read only when their flag is set (else x stands in, never read).
+    // C_in % 8 == 0 keeps every 16-byte chunk inside one tap; the kernel gets exactly the
+    // dynamic shared memory it indexes. With splits > 1, blockIdx.z < splits writes
+    // partial[z, m, n] (splits·M·C_out f32 allocated above) and never y; with splits = 1,
+    // partial (empty) is never touched.
+    unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
+    be.after_launch(kernel)?;
+    if splits > 1 {
+        let kernel = "conv2d_splitk_reduce";
+        let cfg = per_element_config(n);
+        let mut launch = be.stream.launch_builder(be.kernels.get(kernel)?);
         launch
-            .arg(x.data.as_ref())
-            .arg(weight.data.as_ref())
+            .arg(&partial)
             .arg(bias.unwrap_or(x).data.as_ref())
             .arg(residual.unwrap_or(x).data.as_ref())
             .arg(&mut out)
-            .arg(&mut partial)
             .arg(&p);
-        // SAFETY: (const __half* x, const __half* w, const __half* bias, const __half* residual,
-        // __half* y, float* partial, ConvParams p): x holds B·H·W·C_in f16, w C_out·kH·kW·C_in,
-        // y and residual B·outH·outW·C_out, bias C_out (all checked above); input reads are
-        // bounds-checked against H×W (padding reads nothing), weight rows against C_out and K;
-        // bias/residual are read only when their flag is set (else x stands in, never read).
-        // C_in % 8 == 0 keeps every 16-byte chunk inside one tap; the kernel gets exactly the
-        // dynamic shared memory it indexes. With splits > 1, blockIdx.z < splits writes
-        // partial[z, m, n] (splits·M·C_out f32 allocated above) and never y; with splits = 1,
-        // partial (empty) is never touched.
+        // SAFETY: (const float* partial, const __half* bias, const __half* residual,
+        // __half* y, ConvParams p): partial holds p.splits·M·C_out f32, all written by the
+        // launch above on the same stream; y and residual hold M·C_out f16, bias C_out,
+        // each read only when its flag is set; a grid-stride loop stays below M·C_out.
         unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
         be.after_launch(kernel)?;
-        if splits > 1 {
-            let kernel = "conv2d_splitk_reduce";
-            let cfg = per_element_config(n);
-            let mut launch = be.stream.launch_builder(be.kernels.get(kernel)?);
-            launch
-                .arg(&partial)
-                .arg(bias.unwrap_or(x).data.as_ref())
-                .arg(residual.unwrap_or(x).data.as_ref())
-                .arg(&mut out)
-                .arg(&p);
-            // SAFETY: (const float* partial, const __half* bias, const __half* residual,
-            // __half* y, ConvParams p): partial holds p.splits·M·C_out f32, all written by the
-            // launch above on the same stream; y and residual hold M·C_out f16, bias C_out,
-            // each read only when its flag is set; a grid-stride loop stays below M·C_out.
-            unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
-            be.after_launch(kernel)?;
-        }
-        return Ok(CudaTensor::new(shape, out));
     }
+    Ok(CudaTensor::new(shape, out))
+}
 
-    // The direct kernel: anything else.
+/// The direct kernel: anything else (SD 2.1's conv_in with 4 latent channels, odd test shapes).
+fn direct(
+    be: &CudaBackend,
+    op: &Conv2d<'_, CudaTensor>,
+    p: ConvParams,
+    mut out: CudaSlice<f16>,
+) -> Result<CudaTensor> {
+    let (x, weight, bias, residual) = (op.x, op.weight, op.bias, op.residual);
+    let n = op.pixels() * op.c_out;
     let kernel = "conv2d_direct";
     let cfg = per_element_config(n);
     let mut launch = be.stream.launch_builder(be.kernels.get(kernel)?);
@@ -237,12 +210,12 @@ fn conv2d_with(
         .arg(&p);
     // SAFETY: (const __half* x, const __half* w, const __half* bias, const __half* residual,
     // __half* y, ConvParams p): x holds B·H·W·C_in f16, w C_out·kH·kW·C_in, y and residual
-    // B·outH·outW·C_out, bias C_out (all checked above); input reads are bounds-checked against
+    // B·outH·outW·C_out, bias C_out (checked by `contract::conv2d`); input reads are bounds-checked against
     // H×W (padding reads nothing); bias/residual are read only when their flag is set (else x
     // stands in, never read); a grid-stride loop stays below B·outH·outW·C_out.
     unsafe { launch.launch(cfg) }.map_err(launch_error(kernel))?;
     be.after_launch(kernel)?;
-    Ok(CudaTensor::new(shape, out))
+    Ok(CudaTensor::new(op.out_shape(), out))
 }
 
 /// Runs the wgmma kernel and the portable one on the same random inputs (a plain conv with bias
@@ -257,7 +230,10 @@ pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<()> {
         let w = random.tensor(&[c_out, 3, 3, c_in], 1.0 / (9.0 * c_in as f32).sqrt())?;
         let b = random.tensor(&[c_out], 0.5)?;
         let r = random.tensor(&[x_shape[0], x_shape[1], x_shape[2], c_out], 1.0)?;
-        let run = |igemm| conv2d_with(be, igemm, &x, &w, Some(&b), 1, 1, Some(&r));
+        let run = |igemm| {
+            let op = contract::conv2d(&x, &w, Some(&b), 1, 1, Some(&r))?;
+            conv2d_with(be, igemm, op)
+        };
         let (want, got) = (run(&IGEMM)?, run(&IGEMM_SM90)?);
         agree(
             be,

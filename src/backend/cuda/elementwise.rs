@@ -1,7 +1,6 @@
-//! Wrappers of `kernels/elementwise.cu`: host↔device copies through the f32↔f16 cast kernels,
-//! the activations, add, per-channel add, GEGLU, nearest upsample, channel concat and embedding.
-//! Each checks shapes (answering a mismatch with `Error::Shape`), allocates its output, and
-//! launches with [`chunked_config`] (one thread per 8 output elements).
+//! Wrappers of `kernels/elementwise.cu`: the activations, add, per-channel add, GEGLU, nearest
+//! upsample, channel concat and embedding. Each takes arguments `backend::contract` has checked,
+//! allocates its output, and launches with [`chunked_config`] (one thread per 8 output elements).
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::f16;
@@ -10,64 +9,10 @@ use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::{
     chunked_config, driver_error, launch_error, params::UpsampleParams, to_i32, to_i64,
 };
-use crate::tensor::HostTensor;
+use crate::backend::contract::{
+    Add, AddPerChannel, ConcatChannels, Embedding, Geglu, UpsampleNearest,
+};
 use crate::{Error, Result};
-
-/// Host f32 → device f16: one copy of the f32 data, then `cast_f32_to_f16` on the device.
-pub(super) fn upload(be: &CudaBackend, host: &HostTensor) -> Result<CudaTensor> {
-    const K: &str = "cast_f32_to_f16";
-    let n = host.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if n != Some(host.data.len()) {
-        return Err(Error::shape(
-            "upload",
-            format!(
-                "shape {:?} does not hold {} values",
-                host.shape,
-                host.data.len()
-            ),
-        ));
-    }
-    let n = host.data.len();
-    let mut out = be.alloc_f16("upload", n)?;
-    if n > 0 {
-        let staging = be
-            .stream
-            .clone_htod(&host.data)
-            .map_err(driver_error("copying to the device"))?;
-        let n64 = to_i64("upload", "element count", n)?;
-        let f = be.kernels.get(K)?;
-        let mut launch = be.stream.launch_builder(f);
-        launch.arg(&staging).arg(&mut out).arg(&n64);
-        // SAFETY: cast_f32_to_f16(const float* x, __half* y, long long n): `staging` holds n f32,
-        // `out` n f16; the kernel touches indices [0, n) only.
-        unsafe { launch.launch(chunked_config(n)) }.map_err(launch_error(K))?;
-        be.after_launch(K)?;
-    }
-    Ok(CudaTensor::new(host.shape.clone(), out))
-}
-
-/// Device f16 → host f32: `cast_f16_to_f32` on the device, then one copy back (synchronous).
-pub(super) fn download(be: &CudaBackend, t: &CudaTensor) -> Result<HostTensor> {
-    const K: &str = "cast_f16_to_f32";
-    let n = t.numel();
-    if n == 0 {
-        return HostTensor::new(t.shape.clone(), Vec::new());
-    }
-    let mut staging = be.alloc_f32("download", n)?;
-    let n64 = to_i64("download", "element count", n)?;
-    let f = be.kernels.get(K)?;
-    let mut launch = be.stream.launch_builder(f);
-    launch.arg(t.data.as_ref()).arg(&mut staging).arg(&n64);
-    // SAFETY: cast_f16_to_f32(const __half* x, float* y, long long n): both buffers hold n
-    // elements; indices [0, n) only.
-    unsafe { launch.launch(chunked_config(n)) }.map_err(launch_error(K))?;
-    be.after_launch(K)?;
-    let data = be
-        .stream
-        .clone_dtoh(&staging)
-        .map_err(driver_error("copying to the host"))?;
-    HostTensor::new(t.shape.clone(), data)
-}
 
 /// Fills `buf` with the 16-bit pattern `bits` (debug-mode poisoning; 0xFFFF is a NaN).
 pub(super) fn fill_u16(be: &CudaBackend, buf: &mut CudaSlice<f16>, bits: u16) -> Result<()> {
@@ -105,9 +50,9 @@ pub(super) fn unary(be: &CudaBackend, kernel: &'static str, x: &CudaTensor) -> R
 }
 
 /// `a + b`, same shapes.
-pub(super) fn add(be: &CudaBackend, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+pub(super) fn add(be: &CudaBackend, op: Add<'_, CudaTensor>) -> Result<CudaTensor> {
     const K: &str = "add_f16";
-    b.expect_shape("add", "b", &a.shape)?;
+    let (a, b) = (op.a, op.b);
     let n = a.numel();
     let mut out = be.alloc_f16("add", n)?;
     if n > 0 {
@@ -120,7 +65,7 @@ pub(super) fn add(be: &CudaBackend, a: &CudaTensor, b: &CudaTensor) -> Result<Cu
             .arg(&mut out)
             .arg(&n64);
         // SAFETY: add_f16(const __half* a, const __half* b, __half* y, long long n): all three
-        // hold n f16 (same shapes, checked above); indices [0, n) only.
+        // hold n f16 (same shapes, checked by the contract); indices [0, n) only.
         unsafe { launch.launch(chunked_config(n)) }.map_err(launch_error(K))?;
         be.after_launch(K)?;
     }
@@ -130,20 +75,10 @@ pub(super) fn add(be: &CudaBackend, a: &CudaTensor, b: &CudaTensor) -> Result<Cu
 /// `x [B, .., C] + v [B, C]`, `v` broadcast over the middle dimensions.
 pub(super) fn add_per_channel(
     be: &CudaBackend,
-    x: &CudaTensor,
-    v: &CudaTensor,
+    op: AddPerChannel<'_, CudaTensor>,
 ) -> Result<CudaTensor> {
     const OP: &str = "add_per_channel";
-    let (b, c) = match x.shape[..] {
-        [b, .., c] if x.shape.len() >= 2 => (b, c),
-        _ => {
-            return Err(Error::shape(
-                OP,
-                format!("x must be [B, .., C], got {:?}", x.shape),
-            ))
-        }
-    };
-    v.expect_shape(OP, "v", &[b, c])?;
+    let (x, v, b, c) = (op.x, op.v, op.batch, op.channels);
     let mut out = be.alloc_f16(OP, x.numel())?;
     let batch_elems = x.numel().checked_div(b).unwrap_or(0);
     launch_add_per_channel(be, x, v, &mut out, c, batch_elems)?;
@@ -214,18 +149,9 @@ pub(super) fn bias_add_inplace(
 }
 
 /// GEGLU: `x [.., 2F]` → `x[.., :F] · gelu(x[.., F:])`.
-pub(super) fn geglu(be: &CudaBackend, x: &CudaTensor) -> Result<CudaTensor> {
+pub(super) fn geglu(be: &CudaBackend, op: Geglu<'_, CudaTensor>) -> Result<CudaTensor> {
     const K: &str = "geglu_f16";
-    let (rows, two_f) = x.rows_and_last("geglu", "x")?;
-    if two_f % 2 != 0 {
-        return Err(Error::shape(
-            "geglu",
-            format!("last dimension must be even, got {:?}", x.shape),
-        ));
-    }
-    let f_dim = two_f / 2;
-    let mut shape = x.shape.clone();
-    *shape.last_mut().expect("checked non-empty") = f_dim;
+    let (x, rows, f_dim, shape) = (op.x, op.rows, op.features, op.out_shape);
     let n = rows * f_dim;
     let mut out = be.alloc_f16("geglu", n)?;
     if n > 0 {
@@ -249,28 +175,13 @@ pub(super) fn geglu(be: &CudaBackend, x: &CudaTensor) -> Result<CudaTensor> {
 /// Nearest resize of `x [B, H, W, C]` to `[B, out_h, out_w, C]` (PyTorch's rule).
 pub(super) fn upsample_nearest(
     be: &CudaBackend,
-    x: &CudaTensor,
-    out_h: usize,
-    out_w: usize,
+    op: UpsampleNearest<'_, CudaTensor>,
 ) -> Result<CudaTensor> {
     const OP: &str = "upsample_nearest";
     const K: &str = "upsample_nearest_f16";
-    let [b, h, w, c] = x.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!("x must be [B, H, W, C], got {:?}", x.shape),
-        ));
-    };
-    if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "upsample_nearest: cannot resize {h}×{w} to {out_h}×{out_w} (sizes must be positive)"
-        )));
-    }
-    let shape = vec![b, out_h, out_w, c];
-    let n = b
-        .checked_mul(out_h * out_w)
-        .and_then(|v| v.checked_mul(c))
-        .ok_or_else(|| Error::too_large(OP, format!("output {shape:?} is too large")))?;
+    let (x, b, h, w, c) = (op.x, op.batch, op.in_h, op.in_w, op.channels);
+    let (out_h, out_w, shape) = (op.out_h, op.out_w, op.out_shape());
+    let n = shape.iter().product();
     let mut out = be.alloc_f16(OP, n)?;
     if n > 0 {
         let p = UpsampleParams {
@@ -298,21 +209,12 @@ pub(super) fn upsample_nearest(
 /// `[.., Ca]`, `[.., Cb]` → `[.., Ca + Cb]`.
 pub(super) fn concat_channels(
     be: &CudaBackend,
-    a: &CudaTensor,
-    b: &CudaTensor,
+    op: ConcatChannels<'_, CudaTensor>,
 ) -> Result<CudaTensor> {
     const OP: &str = "concat_channels";
     const K: &str = "concat_channels_f16";
-    let (rows, ca) = a.rows_and_last(OP, "a")?;
-    let (_, cb) = b.rows_and_last(OP, "b")?;
-    if a.shape[..a.shape.len() - 1] != b.shape[..b.shape.len() - 1] {
-        return Err(Error::shape(
-            OP,
-            format!("leading dimensions differ: {:?} and {:?}", a.shape, b.shape),
-        ));
-    }
-    let mut shape = a.shape.clone();
-    *shape.last_mut().expect("checked non-empty") = ca + cb;
+    let (a, b, rows, ca, cb) = (op.a, op.b, op.rows, op.a_channels, op.b_channels);
+    let shape = op.out_shape;
     let n = rows * (ca + cb);
     let mut out = be.alloc_f16(OP, n)?;
     if n > 0 {
@@ -331,7 +233,7 @@ pub(super) fn concat_channels(
             .arg(&cb32);
         // SAFETY: concat_channels_f16(const __half* a, const __half* b, __half* y,
         // long long rows, int ca, int cb): a holds rows·Ca, b rows·Cb, y rows·(Ca+Cb) f16
-        // (leading dimensions checked equal above).
+        // (leading dimensions checked equal by the contract).
         unsafe { launch.launch(chunked_config(n)) }.map_err(launch_error(K))?;
         be.after_launch(K)?;
     }
@@ -339,20 +241,10 @@ pub(super) fn concat_channels(
 }
 
 /// Row gather: `table [V, D]`, `ids` → `[ids.len(), D]`; an id ≥ V is an error.
-pub(super) fn embedding(be: &CudaBackend, ids: &[u32], table: &CudaTensor) -> Result<CudaTensor> {
+pub(super) fn embedding(be: &CudaBackend, op: Embedding<'_, CudaTensor>) -> Result<CudaTensor> {
     const OP: &str = "embedding";
     const K: &str = "embedding_f16";
-    let [v, d] = table.shape[..] else {
-        return Err(Error::shape(
-            OP,
-            format!("table must be [V, D], got {:?}", table.shape),
-        ));
-    };
-    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
-        return Err(Error::InvalidArgument(format!(
-            "embedding: id {bad} is out of range for a table of {v} rows"
-        )));
-    }
+    let (ids, table, d) = (op.ids, op.table, op.dim);
     let n = ids.len() * d;
     let mut out = be.alloc_f16(OP, n)?;
     if n > 0 {
@@ -371,7 +263,7 @@ pub(super) fn embedding(be: &CudaBackend, ids: &[u32], table: &CudaTensor) -> Re
             .arg(&n_ids)
             .arg(&d32);
         // SAFETY: embedding_f16(const unsigned* ids, const __half* table, __half* y,
-        // long long n_ids, int d): ids_dev holds n_ids ids, each < V (checked above), table V·D
+        // long long n_ids, int d): ids_dev holds n_ids ids, each < V (checked by the contract), table V·D
         // f16, y n_ids·D f16.
         unsafe { launch.launch(chunked_config(n)) }.map_err(launch_error(K))?;
         be.after_launch(K)?;

@@ -1,13 +1,13 @@
-//! CUDA graphs behind `Backend::run_recorded`: the ops of one UNet evaluation are captured once per
+//! CUDA graphs behind `CudaBackend::run_recorded`: the ops of one UNet evaluation are captured once per
 //! input shapes and replayed every later step, so a step costs the host one graph launch and two
 //! copies instead of ~1000 kernel launches, allocations and cuBLAS calls.
 //!
-//! For each (key, input shapes): the first call runs eagerly (it warms up lazily loaded kernels and
+//! For each (recording, input shapes): the first call runs eagerly (it warms up lazily loaded kernels and
 //! cuBLAS), the second copies its inputs into buffers the cache owns, captures `f` on those
 //! (`CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`; allocations become graph memory nodes at fixed
 //! addresses), instantiates with auto-free-on-launch and launches; later calls copy the new input
 //! values into those buffers, launch the graph, and copy the output out (the next launch reuses
-//! its memory). Any capture failure logs a warning, marks the key as not recordable, and runs
+//! its memory). Any capture failure logs a warning, marks the recording as refused, and runs
 //! eagerly, so switching graphs on can cost speed but never a result.
 
 use std::mem::ManuallyDrop;
@@ -18,7 +18,8 @@ use cudarc::driver::CudaGraph;
 
 use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::driver_error;
-use crate::backend::{Backend, RecordedFn};
+use super::RecordingId;
+use crate::backend::RecordedFn;
 use crate::{Error, Result};
 
 /// Recordings kept at once (each holds the peak activation memory of one evaluation); the least
@@ -30,10 +31,10 @@ const MAX_RECORDINGS: usize = 4;
 pub(super) struct GraphCache {
     /// Most recently used last.
     recordings: Vec<Recording>,
-    /// (key, shapes) run once eagerly: the next call records.
-    seen: Vec<(String, Vec<Vec<usize>>)>,
-    /// Keys whose capture failed: always eager.
-    refused: Vec<String>,
+    /// (recording, shapes) run once eagerly: the next call records.
+    seen: Vec<(RecordingId, Vec<Vec<usize>>)>,
+    /// Recordings whose capture failed: always eager.
+    refused: Vec<RecordingId>,
     /// Graph launches so far (tests check that replays happened).
     pub(super) replays: usize,
 }
@@ -41,7 +42,7 @@ pub(super) struct GraphCache {
 /// One captured evaluation. Fields drop in order: the output's graph memory is freed before
 /// the graph that owns it is destroyed.
 struct Recording {
-    key: String,
+    key: RecordingId,
     shapes: Vec<Vec<usize>>,
     /// The buffers the graph reads its inputs from (owned by the cache alone).
     inputs: Vec<CudaTensor>,
@@ -60,12 +61,12 @@ unsafe impl Send for SendGraph {}
 /// `run_recorded` for the CUDA backend (see the module comment).
 pub(super) fn run_recorded(
     be: &CudaBackend,
-    key: &str,
+    key: RecordingId,
     inputs: &[&CudaTensor],
     f: &RecordedFn<'_, CudaTensor>,
 ) -> Result<CudaTensor> {
     let eager = || f(&inputs.iter().map(|&t| t.clone()).collect::<Vec<_>>());
-    if !be.recording() || be.debug_checks() {
+    if be.debug_checks() {
         return eager();
     }
     let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape.clone()).collect();
@@ -73,7 +74,7 @@ pub(super) fn run_recorded(
         .graph_cache
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if cache.refused.iter().any(|k| k == key) {
+    if cache.refused.contains(&key) {
         drop(cache);
         return eager();
     }
@@ -88,7 +89,7 @@ pub(super) fn run_recorded(
         cache.replays += 1;
         return out;
     }
-    let id = (key.to_string(), shapes.clone());
+    let id = (key, shapes.clone());
     if !cache.seen.contains(&id) {
         cache.seen.push(id);
         drop(cache);
@@ -105,7 +106,7 @@ pub(super) fn run_recorded(
         }
         Err(why) => {
             tracing::warn!("{key}: CUDA graph capture failed ({why}); running it op by op");
-            cache.refused.push(key.to_string());
+            cache.refused.push(key);
             drop(cache);
             eager()
         }
@@ -133,7 +134,7 @@ fn replay(be: &CudaBackend, rec: &mut Recording, inputs: &[&CudaTensor]) -> Resu
 /// capture itself failed (the caller falls back to eager runs); `Err` for errors outside it.
 fn record(
     be: &CudaBackend,
-    key: &str,
+    key: RecordingId,
     shapes: Vec<Vec<usize>>,
     inputs: &[&CudaTensor],
     f: &RecordedFn<'_, CudaTensor>,
@@ -176,7 +177,7 @@ fn record(
     tracing::debug!("{key}: recorded a CUDA graph for input shapes {shapes:?}");
     Ok(Ok((
         Recording {
-            key: key.to_string(),
+            key,
             shapes,
             inputs: slots,
             output,

@@ -15,81 +15,34 @@ use half::f16;
 use super::backend::{CudaBackend, CudaTensor};
 use super::elementwise::bias_add_inplace;
 use super::kernels::{driver_error, to_i32};
+use crate::backend::contract::Linear;
 use crate::{Error, Result};
-
-/// The shapes of one linear layer: `x [M, K]` (rows flattened), `weight [N, K]`, `out [.., N]`.
-struct LinearShape {
-    m: usize,
-    k: usize,
-    n: usize,
-    out_shape: Vec<usize>,
-}
-
-/// Checks `x [.., K]`, `weight [N, K]` and `bias [N]` against each other.
-fn linear_shape(
-    op: &'static str,
-    x: &CudaTensor,
-    weight: &CudaTensor,
-    bias: Option<&CudaTensor>,
-) -> Result<LinearShape> {
-    let (m, k) = x.rows_and_last(op, "x")?;
-    let [n, wk] = weight.shape[..] else {
-        return Err(Error::shape(
-            op,
-            format!("weight must be [N, K], got {:?}", weight.shape),
-        ));
-    };
-    if wk != k {
-        return Err(Error::shape(
-            op,
-            format!(
-                "x {:?} has K = {k} but weight {:?} has K = {wk}",
-                x.shape, weight.shape
-            ),
-        ));
-    }
-    if let Some(b) = bias {
-        b.expect_shape(op, "bias", &[n])?;
-    }
-    let mut out_shape = x.shape.clone();
-    if let Some(last) = out_shape.last_mut() {
-        *last = n;
-    }
-    m.checked_mul(n)
-        .ok_or_else(|| Error::too_large(op, format!("output {out_shape:?} is too large")))?;
-    Ok(LinearShape { m, k, n, out_shape })
-}
 
 /// `x [.., K] · weightᵀ [K, N] + bias [N]` → `[.., N]`; `weight` is `[N, K]`. With a bias, the
 /// cuBLASLt bias epilogue when it has an algorithm for the shape (see [`linear_bias_epilogue`]),
 /// else GemmEx and the bias kernel; the first fallback is logged.
-pub(super) fn linear(
-    be: &CudaBackend,
-    x: &CudaTensor,
-    weight: &CudaTensor,
-    bias: Option<&CudaTensor>,
-) -> Result<CudaTensor> {
+pub(super) fn linear(be: &CudaBackend, op: Linear<'_, CudaTensor>) -> Result<CudaTensor> {
     const OP: &str = "linear";
-    let shape = linear_shape(OP, x, weight, bias)?;
+    let (x, weight, bias) = (op.x, op.weight, op.bias);
+    let (m, k, n) = (op.rows, op.k, op.n);
     if let Some(b) = bias {
-        if shape.k > 0 && shape.m * shape.n > 0 {
-            match linear_bias_epilogue(be, x, weight, b)? {
+        if k > 0 && m * n > 0 {
+            match linear_bias_epilogue(be, &op, b)? {
                 Ok(out) => return Ok(out),
                 Err(why) => be.note_bias_epilogue_fallback(&why),
             }
         }
     }
-    let mut out = be.alloc_f16(OP, shape.m * shape.n)?;
-    if shape.m * shape.n == 0 {
-        return Ok(CudaTensor::new(shape.out_shape, out));
+    let mut out = be.alloc_f16(OP, m * n)?;
+    if m * n == 0 {
+        return Ok(CudaTensor::new(op.out_shape, out));
     }
-    if shape.k == 0 {
+    if k == 0 {
         // An empty sum: zeros (plus the bias below).
         be.stream
             .memset_zeros(&mut out)
             .map_err(driver_error("zeroing a linear output"))?;
     } else {
-        let (m, k, n) = (shape.m, shape.k, shape.n);
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
             transb: cublasOperation_t::CUBLAS_OP_N,
@@ -124,25 +77,24 @@ pub(super) fn linear(
     if let Some(b) = bias {
         bias_add_inplace(be, &mut out, b)?;
     }
-    Ok(CudaTensor::new(shape.out_shape, out))
+    Ok(CudaTensor::new(op.out_shape, out))
 }
 
 /// `x · weightᵀ + bias` in one `cublasLtMatmul` with the `CUBLASLT_EPILOGUE_BIAS` epilogue (the
 /// bias is one value per row of the column-major C = outᵀ, i.e. per output feature). `Ok(Err(why))`
 /// when cuBLASLt is missing, refuses the shape or has no algorithm for it (the caller falls back);
-/// `Err` on mismatched shapes, allocation or (debug mode) launch failures.
+/// `Err` on allocation or (debug mode) launch failures.
 pub(super) fn linear_bias_epilogue(
     be: &CudaBackend,
-    x: &CudaTensor,
-    weight: &CudaTensor,
+    op: &Linear<'_, CudaTensor>,
     bias: &CudaTensor,
 ) -> Result<std::result::Result<CudaTensor, String>> {
     const OP: &str = "linear (cuBLASLt bias epilogue)";
-    let shape = linear_shape(OP, x, weight, Some(bias))?;
+    let (x, weight) = (op.x, op.weight);
     let Some(lt) = be.blas_lt.as_ref() else {
         return Ok(Err("cuBLASLt is not loaded".into()));
     };
-    let (m, k, n) = (shape.m, shape.k, shape.n);
+    let (m, k, n) = (op.rows, op.k, op.n);
     if m * n * k == 0 {
         return Ok(Err(format!(
             "empty product {:?} · {:?}ᵀ",
@@ -192,5 +144,5 @@ pub(super) fn linear_bias_epilogue(
         )));
     }
     be.after_launch("cublasLtMatmul")?;
-    Ok(Ok(CudaTensor::new(shape.out_shape, out)))
+    Ok(Ok(CudaTensor::new(op.out_shape.clone(), out)))
 }

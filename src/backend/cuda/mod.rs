@@ -4,10 +4,11 @@
 //!
 //! Two forms, chosen at build time:
 //! - with kernels (`cfg(sd21_kernels)`, set by `build.rs` when nvcc and libclang were found):
-//!   `backend.rs` (the [`CudaBackend`] and its `Backend` impl), `kernels.rs` (the embedded modules,
+//!   `backend.rs` (the [`CudaBackend`] and its `Compute` impl), `kernels.rs` (the embedded modules,
 //!   the bindgen structs of `kernels/params.h`, the launch helpers), and one file per op family
-//!   holding the typed wrapper of each kernel: `elementwise.rs`, `norm.rs`, `attention.rs`,
-//!   `conv.rs`, `linear.rs`; `graphs.rs` records and replays CUDA graphs (`run_recorded`);
+//!   holding the typed wrapper of each kernel: `transfer.rs` (upload, download), `elementwise.rs`,
+//!   `norm.rs`, `attention.rs`, `conv.rs`, `linear.rs`; `graphs.rs` records and replays CUDA
+//!   graphs (`CudaBackend::run_recorded`);
 //!   `self_check.rs` holds what the wgmma kernels' start-up checks share;
 //! - without (`no_kernels.rs`): the same public API, but [`CudaBackend::new`] always returns an
 //!   error that says why the kernels are missing and [`cuda_available`] is false.
@@ -35,11 +36,16 @@ mod no_kernels;
 mod norm;
 #[cfg(sd21_kernels)]
 mod self_check;
+#[cfg(sd21_kernels)]
+mod transfer;
 
 #[cfg(sd21_kernels)]
 pub use backend::{CudaBackend, CudaTensor};
 #[cfg(not(sd21_kernels))]
 pub use no_kernels::{CudaBackend, CudaTensor};
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How the kernels were built (`Ok`: nvcc version, architectures, size) or why they were not
 /// (`Err`: the reason `build.rs` recorded).
@@ -64,5 +70,28 @@ pub fn cuda_available() -> bool {
     #[cfg(not(sd21_kernels))]
     {
         false
+    }
+}
+
+/// Names one function a caller records (e.g. one loaded UNet's evaluation); every id is new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordingId(usize);
+
+impl RecordingId {
+    pub fn new() -> RecordingId {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        RecordingId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Default for RecordingId {
+    fn default() -> Self {
+        RecordingId::new()
+    }
+}
+
+impl fmt::Display for RecordingId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "recording {}", self.0)
     }
 }

@@ -7,7 +7,8 @@
 
 use std::convert::Infallible;
 
-use crate::backend::Backend;
+use super::RecordingId;
+use crate::backend::{contract, Compute, RecordedFn, Tensor};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
@@ -87,9 +88,35 @@ impl CudaBackend {
     pub fn bias_epilogue_fallbacks(&self) -> usize {
         match self.never {}
     }
+
+    /// See the real backend: a device-to-device copy.
+    pub fn copy(&self, _: &CudaTensor) -> Result<CudaTensor> {
+        match self.never {}
+    }
+
+    /// See the real backend: waits for the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        match self.never {}
+    }
+
+    /// See the real backend: `f(inputs)`, possibly recorded as a CUDA graph.
+    pub fn run_recorded(
+        &self,
+        _: RecordingId,
+        _: &[&CudaTensor],
+        _: &RecordedFn<'_, CudaTensor>,
+    ) -> Result<CudaTensor> {
+        match self.never {}
+    }
 }
 
-impl Backend for CudaBackend {
+impl Tensor for CudaTensor {
+    fn shape(&self) -> &[usize] {
+        match self.never {}
+    }
+}
+
+impl Compute for CudaBackend {
     type Tensor = CudaTensor;
 
     fn describe(&self) -> String {
@@ -101,57 +128,25 @@ impl Backend for CudaBackend {
     fn download(&self, _: &CudaTensor) -> Result<HostTensor> {
         match self.never {}
     }
-    fn shape<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
-        match t.never {}
-    }
-    fn reshape(&self, _: &CudaTensor, _: &[usize]) -> Result<CudaTensor> {
+    fn view(&self, _: &CudaTensor, _: Vec<usize>) -> CudaTensor {
         match self.never {}
     }
-    fn linear(&self, _: &CudaTensor, _: &CudaTensor, _: Option<&CudaTensor>) -> Result<CudaTensor> {
+    fn linear(&self, _: contract::Linear<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn conv2d(
-        &self,
-        _: &CudaTensor,
-        _: &CudaTensor,
-        _: Option<&CudaTensor>,
-        _: usize,
-        _: usize,
-        _: Option<&CudaTensor>,
-    ) -> Result<CudaTensor> {
+    fn conv2d(&self, _: contract::Conv2d<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn group_norm(
-        &self,
-        _: &CudaTensor,
-        _: usize,
-        _: &CudaTensor,
-        _: &CudaTensor,
-        _: f32,
-        _: bool,
-    ) -> Result<CudaTensor> {
+    fn group_norm(&self, _: contract::GroupNorm<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn layer_norm(
-        &self,
-        _: &CudaTensor,
-        _: &CudaTensor,
-        _: &CudaTensor,
-        _: f32,
-    ) -> Result<CudaTensor> {
+    fn layer_norm(&self, _: contract::LayerNorm<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn attention(
-        &self,
-        _: &CudaTensor,
-        _: &CudaTensor,
-        _: &CudaTensor,
-        _: usize,
-        _: bool,
-    ) -> Result<CudaTensor> {
+    fn attention(&self, _: contract::Attention<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn geglu(&self, _: &CudaTensor) -> Result<CudaTensor> {
+    fn geglu(&self, _: contract::Geglu<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
     fn gelu(&self, _: &CudaTensor) -> Result<CudaTensor> {
@@ -160,19 +155,19 @@ impl Backend for CudaBackend {
     fn silu(&self, _: &CudaTensor) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn add(&self, _: &CudaTensor, _: &CudaTensor) -> Result<CudaTensor> {
+    fn add(&self, _: contract::Add<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn add_per_channel(&self, _: &CudaTensor, _: &CudaTensor) -> Result<CudaTensor> {
+    fn add_per_channel(&self, _: contract::AddPerChannel<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn upsample_nearest(&self, _: &CudaTensor, _: usize, _: usize) -> Result<CudaTensor> {
+    fn upsample_nearest(&self, _: contract::UpsampleNearest<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn concat_channels(&self, _: &CudaTensor, _: &CudaTensor) -> Result<CudaTensor> {
+    fn concat_channels(&self, _: contract::ConcatChannels<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn embedding(&self, _: &[u32], _: &CudaTensor) -> Result<CudaTensor> {
+    fn embedding(&self, _: contract::Embedding<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
 }

@@ -5,52 +5,20 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::backend::{CudaBackend, CudaTensor};
 use super::kernels::params::{GroupNormParams, LayerNormParams};
 use super::kernels::{chunked_config, launch_error, to_i32};
+use crate::backend::contract::{GroupNorm, LayerNorm};
+use crate::backend::Activation;
 use crate::{Error, Result};
 
 /// Elements one statistics block reads (about 32 KB of f16): enough work per block, and
 /// enough blocks (≥ 2 per SM on an H100 at 64×64×320) to fill the GPU.
 const STATS_ELEMS_PER_BLOCK: usize = 16 * 1024;
 
-fn check_eps(op: &str, eps: f32) -> Result<()> {
-    if eps.is_finite() && eps >= 0.0 {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "{op}: eps must be finite and ≥ 0, got {eps}"
-        )))
-    }
-}
-
 /// Group norm over `x [B, .., C]`, `groups` groups of consecutive channels, then γ, β and
 /// optionally SiLU.
-pub(super) fn group_norm(
-    be: &CudaBackend,
-    x: &CudaTensor,
-    groups: usize,
-    gamma: &CudaTensor,
-    beta: &CudaTensor,
-    eps: f32,
-    silu: bool,
-) -> Result<CudaTensor> {
+pub(super) fn group_norm(be: &CudaBackend, op: GroupNorm<'_, CudaTensor>) -> Result<CudaTensor> {
     const OP: &str = "group_norm";
-    if x.shape.len() < 2 {
-        return Err(Error::shape(
-            OP,
-            format!("x must be [B, .., C], got {:?}", x.shape),
-        ));
-    }
-    let b = x.shape[0];
-    let c = x.shape[x.shape.len() - 1];
-    if groups == 0 || !c.is_multiple_of(groups) {
-        return Err(Error::shape(
-            OP,
-            format!("{c} channels cannot be split into {groups} groups"),
-        ));
-    }
-    gamma.expect_shape(OP, "gamma", &[c])?;
-    beta.expect_shape(OP, "beta", &[c])?;
-    check_eps(OP, eps)?;
-    let spatial: usize = x.shape[1..x.shape.len() - 1].iter().product();
+    let (x, gamma, beta, groups, eps) = (op.x, op.gamma, op.beta, op.groups, op.eps);
+    let (b, c, spatial) = (op.batch, op.channels, op.spatial);
     let n = x.numel();
     let mut out = be.alloc_f16(OP, n)?;
     if n == 0 {
@@ -74,13 +42,14 @@ pub(super) fn group_norm(
         chunks: to_i32(OP, "chunks", chunks)?,
         chunk_len: to_i32(OP, "chunk length", chunk_len)?,
         eps,
-        silu: silu as i32,
+        silu: (op.activation == Activation::Silu) as i32,
     };
     to_i32(OP, "batch × groups", b.saturating_mul(groups))?;
     if b > 65535 {
-        return Err(Error::InvalidArgument(format!(
-            "{OP}: batch {b} exceeds the grid limit 65535"
-        )));
+        return Err(Error::too_large(
+            OP,
+            format!("batch {b} exceeds the grid limit 65535"),
+        ));
     }
     let mut partial = be.alloc_f32(OP, b * groups * chunks * 2)?;
     let mut stats = be.alloc_f32(OP, b * groups * 2)?;
@@ -148,19 +117,10 @@ pub(super) fn group_norm(
 }
 
 /// Layer norm over the last dimension of `x [.., C]`.
-pub(super) fn layer_norm(
-    be: &CudaBackend,
-    x: &CudaTensor,
-    gamma: &CudaTensor,
-    beta: &CudaTensor,
-    eps: f32,
-) -> Result<CudaTensor> {
+pub(super) fn layer_norm(be: &CudaBackend, op: LayerNorm<'_, CudaTensor>) -> Result<CudaTensor> {
     const OP: &str = "layer_norm";
     const K: &str = "layer_norm_f16";
-    let (rows, c) = x.rows_and_last(OP, "x")?;
-    gamma.expect_shape(OP, "gamma", &[c])?;
-    beta.expect_shape(OP, "beta", &[c])?;
-    check_eps(OP, eps)?;
+    let (x, gamma, beta, eps, rows, c) = (op.x, op.gamma, op.beta, op.eps, op.rows, op.channels);
     let mut out = be.alloc_f16(OP, x.numel())?;
     if rows == 0 || c == 0 {
         return Ok(CudaTensor::new(x.shape.clone(), out));
