@@ -52,6 +52,19 @@ pub struct ModelInfo {
     pub default_scheduler: std::result::Result<SchedulerKind, String>,
 }
 
+impl ModelInfo {
+    /// What `generator` tells about its model.
+    pub fn of(generator: &dyn ImageGenerator) -> Self {
+        ModelInfo {
+            name: generator.model_name().to_string(),
+            device: generator.describe_device(),
+            native_size: generator.native_size(),
+            latent_factor: generator.latent_factor(),
+            default_scheduler: generator.default_scheduler().map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// The engine's Prometheus metrics; `server::metrics` registers them with the HTTP ones.
 #[derive(Clone)]
 pub struct EngineMetrics {
@@ -431,13 +444,7 @@ fn start_up(shared: &Shared, load: Loader) -> Result<Box<dyn ImageGenerator>, St
         Ok(Err(e)) => return Err(StartupError::Load(e)),
         Err(panic) => return Err(StartupError::LoadPanicked(panic_message(panic.as_ref()))),
     };
-    let info = ModelInfo {
-        name: generator.model_name().to_string(),
-        device: generator.describe_device(),
-        native_size: generator.native_size(),
-        latent_factor: generator.latent_factor(),
-        default_scheduler: generator.default_scheduler().map_err(|e| e.to_string()),
-    };
+    let info = ModelInfo::of(generator.as_ref());
     tracing::info!(
         model = %info.name,
         device = %info.device,

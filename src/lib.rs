@@ -9,6 +9,7 @@ pub mod error;
 pub mod image_io;
 pub mod model;
 pub mod pipeline;
+pub mod request;
 pub mod sampling;
 pub mod server;
 pub mod tensor;

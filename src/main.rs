@@ -4,16 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
 use sd21::backend::Device;
+use sd21::engine::ModelInfo;
 use sd21::image_io::{save_png, ImageParameters};
-use sd21::pipeline::{load_on_device, GenerationRequest};
-use sd21::sampling::SchedulerKind;
-use sd21::server::validation::Limits;
+use sd21::pipeline::load_on_device;
+use sd21::request::{self, GenerateRules, Limits};
 use sd21::server::ServerConfig;
 use sd21::weights::hub::{self, HubConfig};
 use sd21::weights::ModelFiles;
@@ -79,10 +80,10 @@ struct GenerateArgs {
     #[arg(long)]
     height: Option<usize>,
     /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = request::DEFAULT_STEPS)]
     steps: usize,
     /// Classifier-free guidance scale (≤ 1 disables guidance).
-    #[arg(long, default_value_t = 7.0)]
+    #[arg(long, default_value_t = request::DEFAULT_CFG_SCALE)]
     cfg_scale: f32,
     /// Seed of the first image; image i uses seed + i (random when absent, and printed).
     #[arg(long)]
@@ -91,7 +92,7 @@ struct GenerateArgs {
     #[arg(long)]
     scheduler: Option<String>,
     /// How many images to generate.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = request::DEFAULT_IMAGES)]
     number_of_images: usize,
     /// auto (a GPU when this build has kernels and one is present, else the CPU), cpu, cuda or
     /// cuda:N.
@@ -234,42 +235,29 @@ fn resolve_model(model: &str, revision: &str, weights_dir: &Path) -> Result<Path
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    if args.number_of_images == 0 {
-        bail!("--number-of-images must be at least 1");
-    }
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    let scheduler = args
-        .scheduler
-        .as_deref()
-        .map(SchedulerKind::from_name)
-        .transpose()?;
     let model_dir = resolve_model(&args.model, &args.revision, &args.weights_dir)?;
     let files = ModelFiles::locate(&model_dir)?;
     let pipeline = load_on_device(&files, args.device)
         .with_context(|| format!("loading {} on {}", model_dir.display(), args.device))?;
-    let scheduler = match scheduler {
-        Some(s) => s,
-        None => pipeline
-            .default_scheduler()
-            .context("pass --scheduler to choose one")?,
-    };
-    let (native_w, native_h) = pipeline.native_size();
-    let seed = args
-        .seed
-        .unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let request = GenerationRequest {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt,
-        width: args.width.unwrap_or(native_w),
-        height: args.height.unwrap_or(native_h),
-        steps: args.steps,
-        cfg_scale: args.cfg_scale,
-        seed,
-        scheduler,
-        number_of_images: args.number_of_images,
-    };
+    let model = ModelInfo::of(pipeline.as_ref());
+    // The same request the server would build from these fields: its rules and defaults.
+    let fields = json!({
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "seed": args.seed,
+        "scheduler": args.scheduler,
+        "number_of_images": args.number_of_images,
+    });
+    let rules = GenerateRules::new(Limits::cli(), model.latent_factor);
+    let request = rules
+        .parse(fields, &model, || u64::from(rand::random::<u32>()))
+        .map_err(|e| anyhow::anyhow!("--{}: {e}", e.field().replace('_', "-")))?
+        .request;
+    let (seed, scheduler) = (request.seed, request.scheduler);
     eprintln!(
         "seed {seed}, {}×{}, {} steps, {}, cfg {}, on {}",
         request.width,

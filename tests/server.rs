@@ -903,9 +903,15 @@ fn openapi_spec_and_docs_describe_both_content_types_errors_limits_and_the_examp
     let request = &spec["components"]["schemas"]["GenerateRequest"];
     assert_eq!(request["required"], json!(["prompt"]));
     let props = &request["properties"];
-    assert_eq!(props["steps"]["maximum"], 50, "the configured --max-steps");
-    assert_eq!(props["number_of_images"]["maximum"], 4);
-    assert_eq!(props["width"]["multipleOf"], 8);
+    // Bounds are JSON numbers (poem-openapi writes them as floats: 50.0).
+    let bound = |field: &str, key: &str| props[field][key].as_f64();
+    assert_eq!(
+        bound("steps", "maximum"),
+        Some(50.0),
+        "the configured --max-steps"
+    );
+    assert_eq!(bound("number_of_images", "maximum"), Some(4.0));
+    assert_eq!(bound("width", "multipleOf"), Some(8.0));
     assert_eq!(props["prompt"]["maxLength"], 2000);
     assert_eq!(request["example"]["seed"], 208513106212u64);
     assert_eq!(request["example"]["cfg_scale"], 7.0);

@@ -1,251 +1,34 @@
 //! The HTTP API (poem-openapi): `POST /generate/` (and `/generate`), `/health`, `/ready`,
-//! `/metrics`, with the request, answer and error schemas that `/openapi.json` and `/docs` show.
-//!
-//! The request body is read by [`GenerateBody`] and checked by `validation.rs` (not parsed by
-//! poem-openapi, whose errors are 400 plain text): the [`GenerateRequest`] object below exists
-//! to document it. Limits that come from the command line are written into the served spec by
-//! [`document`].
+//! `/metrics`, with the answer and error schemas that `/openapi.json` and `/docs` show. The
+//! request body is read by `body.rs` and checked by its request type (`crate::request`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use poem::http::{header, HeaderMap, HeaderValue, StatusCode};
+use poem::endpoint::BoxEndpoint;
+use poem::http::{header, HeaderMap, Method, StatusCode};
 use poem::web::RemoteAddr;
-use poem::{Request, RequestBody, Response};
 use poem_openapi::payload::{Binary, Json, PlainText};
-use poem_openapi::registry::{
-    MetaHeader, MetaMediaType, MetaRequest, MetaResponse, MetaResponses, Registry,
-};
-use poem_openapi::types::{Example, Type};
-use poem_openapi::{
-    ApiExtractor, ApiExtractorType, ApiResponse, ExtractParamOptions, Object, OpenApi,
-    ResponseContent,
-};
-use serde_json::Value;
+use poem_openapi::registry::{MetaApi, Registry};
+use poem_openapi::{ApiResponse, Object, OpenApi, ResponseContent};
 
+use super::body::{parse_json, JsonBody};
 use super::connection::Connections;
+use super::error::{ApiError, ErrorBody};
 use super::metrics::{Metrics, CLIENT_CLOSED};
 use super::response::{self, Encoded};
-use super::validation::{self, ApiError, Limits, MAX_BODY_BYTES};
 use crate::engine::{Engine, SubmitError};
-use crate::sampling::SchedulerKind;
+use crate::request::generate::GenerateRequest;
+use crate::request::{GenerateRules, Limits};
 
 /// The routes and what they share.
+#[derive(Clone)]
 pub struct Api {
     pub engine: Arc<Engine>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub connections: Connections,
-}
-
-/// `POST /generate/` body: the original API's fields plus `negative_prompt` and `scheduler`.
-/// Every field but `prompt` is optional; `null` means the default.
-#[derive(Debug, Object)]
-#[oai(example)]
-pub struct GenerateRequest {
-    /// What to draw (at most 2000 characters).
-    #[oai(validator(max_length = 2000))]
-    pub prompt: String,
-    /// What to steer away from (at most 2000 characters; default empty). Used when cfg_scale > 1.
-    #[oai(validator(max_length = 2000))]
-    pub negative_prompt: Option<String>,
-    /// Image width in pixels, a multiple of 8 (default: the model's native size).
-    /// width × height is limited by --max-pixels.
-    #[oai(validator(minimum(value = "8"), maximum(value = "4096"), multiple_of = "8"))]
-    pub width: Option<u32>,
-    /// Image height in pixels, a multiple of 8 (default: the model's native size).
-    #[oai(validator(minimum(value = "8"), maximum(value = "4096"), multiple_of = "8"))]
-    pub height: Option<u32>,
-    /// Classifier-free guidance scale, integer or float (default 7.0; ≤ 1 turns guidance off).
-    #[oai(validator(minimum(value = "0"), maximum(value = "30")))]
-    pub cfg_scale: Option<f64>,
-    /// Denoising steps (default 30, at most --max-steps).
-    #[oai(validator(minimum(value = "1"), maximum(value = "150")))]
-    pub steps: Option<u32>,
-    /// Images to generate (default 1, at most --max-images); image i uses seed + i.
-    #[oai(validator(minimum(value = "1"), maximum(value = "8")))]
-    pub number_of_images: Option<u32>,
-    /// Seed of image 0, 0 ≤ seed < 2⁶⁴; absent or -1: a random seed (returned in X-Seeds).
-    pub seed: Option<u64>,
-    /// ddim, pndm, euler, euler_a, dpmpp_2m or dpmpp_2m_karras (default: the model's own).
-    pub scheduler: Option<String>,
-}
-
-impl Example for GenerateRequest {
-    /// The original API's documented example request.
-    fn example() -> Self {
-        GenerateRequest {
-            prompt:
-                "Illustration of a Stable Diffusion FastAPI API, comic novel, ligth pastel colors"
-                    .into(),
-            negative_prompt: None,
-            width: Some(512),
-            height: Some(512),
-            cfg_scale: Some(7.0),
-            steps: Some(30),
-            number_of_images: Some(1),
-            seed: Some(208513106212),
-            scheduler: None,
-        }
-    }
-}
-
-/// The raw `/generate/` body, or why it could not be read (wrong content type, too large).
-/// Reading never fails the extraction: the handler answers every error itself, as JSON.
-pub struct GenerateBody(Result<Vec<u8>, ApiError>);
-
-impl<'a> ApiExtractor<'a> for GenerateBody {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
-    type ParamType = ();
-    type ParamRawType = ();
-
-    fn register(registry: &mut Registry) {
-        GenerateRequest::register(registry);
-    }
-
-    fn request_meta() -> Option<MetaRequest> {
-        Some(MetaRequest {
-            description: Some("The generation request (JSON)."),
-            content: vec![MetaMediaType {
-                content_type: "application/json",
-                schema: GenerateRequest::schema_ref(),
-            }],
-            required: true,
-        })
-    }
-
-    async fn from_request(
-        request: &'a Request,
-        body: &mut RequestBody,
-        _param_opts: ExtractParamOptions<Self::ParamType>,
-    ) -> poem::Result<Self> {
-        Ok(GenerateBody(read_json_body(request, body).await))
-    }
-}
-
-/// The body of a JSON request, at most [`MAX_BODY_BYTES`]. A missing Content-Type is taken
-/// as JSON (as FastAPI does); any other than `application/json` or `…+json` is refused.
-async fn read_json_body(request: &Request, body: &mut RequestBody) -> Result<Vec<u8>, ApiError> {
-    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
-        let text = content_type.to_str().unwrap_or("");
-        let essence = text
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        let is_json = essence == "application/json"
-            || (essence.starts_with("application/") && essence.ends_with("+json"));
-        if !is_json {
-            return Err(ApiError::UnsupportedMediaType {
-                content_type: text.chars().take(100).collect(),
-            });
-        }
-    }
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(ApiError::PayloadTooLarge {
-            limit: MAX_BODY_BYTES,
-        });
-    }
-    let body = body.take().map_err(|e| ApiError::Internal(e.to_string()))?;
-    match body.into_bytes_limit(MAX_BODY_BYTES).await {
-        Ok(bytes) => Ok(bytes.to_vec()),
-        Err(poem::error::ReadBodyError::PayloadTooLarge) => Err(ApiError::PayloadTooLarge {
-            limit: MAX_BODY_BYTES,
-        }),
-        Err(e) => Err(ApiError::BodyRead(e.to_string())),
-    }
-}
-
-/// The JSON body of every error answer.
-#[derive(Debug, Object)]
-pub struct ErrorBody {
-    /// What went wrong, with the limit and the value given.
-    pub error: String,
-    /// The request field at fault (422 answers).
-    #[oai(skip_serializing_if_is_none)]
-    pub field: Option<String>,
-}
-
-impl poem::error::ResponseError for ApiError {
-    fn status(&self) -> StatusCode {
-        ApiError::status(self)
-    }
-
-    fn as_response(&self) -> Response {
-        let body = ErrorBody {
-            error: self.to_string(),
-            field: self.field().map(str::to_string),
-        };
-        let mut response = poem::IntoResponse::into_response(Json(body));
-        response.set_status(ApiError::status(self));
-        if let Some(seconds) = self.retry_after() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        if matches!(self, ApiError::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
-
-impl ApiResponse for ApiError {
-    fn meta() -> MetaResponses {
-        let error = |status: u16, description: &'static str, retry_after: bool| MetaResponse {
-            description,
-            status: Some(status),
-            status_range: None,
-            content: vec![MetaMediaType {
-                content_type: <Json<ErrorBody> as poem_openapi::payload::Payload>::CONTENT_TYPE,
-                schema: ErrorBody::schema_ref(),
-            }],
-            headers: if retry_after {
-                vec![MetaHeader {
-                    name: "Retry-After".into(),
-                    description: Some("Seconds to wait before retrying.".into()),
-                    required: false,
-                    deprecated: false,
-                    schema: u64::schema_ref(),
-                }]
-            } else {
-                vec![]
-            },
-        };
-        MetaResponses {
-            responses: vec![
-                error(400, "Malformed JSON or an unreadable body.", false),
-                error(401, "Missing or wrong API key (when the server has one).", false),
-                error(406, "The Accept header allows neither image/png nor application/json.", false),
-                error(413, "The body is larger than 64 KiB.", false),
-                error(415, "The Content-Type is not application/json.", false),
-                error(
-                    422,
-                    "Invalid request: `field` names the field, `error` the limit and the value given.",
-                    false,
-                ),
-                error(429, "The queue is full; retry after Retry-After seconds.", true),
-                error(500, "A bug in the server (the generation failed or panicked); logged with its cause.", false),
-                error(
-                    503,
-                    "Not ready yet or the device is out of memory or failed (both with Retry-After), shutting down, or past the request deadline.",
-                    true,
-                ),
-            ],
-        }
-    }
-
-    fn register(registry: &mut Registry) {
-        ErrorBody::register(registry);
-    }
 }
 
 /// The settings an answer was generated with.
@@ -339,13 +122,13 @@ impl Api {
     /// and timings with `Accept: application/json`. Requests wait in a bounded queue (429 when
     /// full); a client that disconnects cancels its job.
     // poem-openapi drops trailing slashes: this route serves `/generate` and, through the
-    // server's path normalisation, `/generate/`; `document` lists it as `/generate/`.
+    // server's path normalisation, `/generate/`; [`Documented`] lists it as `/generate/`.
     #[oai(path = "/generate", method = "post", operation_id = "generate")]
     async fn generate(
         &self,
         headers: &HeaderMap,
         remote: &RemoteAddr,
-        body: GenerateBody,
+        body: JsonBody<GenerateRequest>,
     ) -> Result<Generated, ApiError> {
         let record = self.metrics.start_request();
         let client_gone = self.connections.client_gone(remote);
@@ -401,7 +184,7 @@ impl Api {
         &self,
         headers: &HeaderMap,
         client_gone: Option<Arc<std::sync::atomic::AtomicBool>>,
-        body: GenerateBody,
+        body: JsonBody<GenerateRequest>,
     ) -> Result<Generated, ApiError> {
         let started = Instant::now();
         let accept = headers
@@ -410,10 +193,11 @@ impl Api {
         let format = response::negotiate(accept).ok_or_else(|| ApiError::NotAcceptable {
             accept: accept.unwrap_or("").chars().take(100).collect(),
         })?;
-        let body = body.0?;
+        let body = body.bytes()?;
         let model = self.engine.model().ok_or(SubmitError::NotReady)?;
         let model_name = model.name.clone();
-        let validated = validation::validate(&body, &self.limits, model, || {
+        let rules = GenerateRules::new(self.limits, model.latent_factor);
+        let validated = rules.parse(parse_json(&body)?, model, || {
             u64::from(rand::random::<u32>())
         })?;
         let request = validated.request;
@@ -479,59 +263,26 @@ impl Api {
     }
 }
 
-/// The served OpenAPI document: poem-openapi's, with the limits of this server's command line
-/// (and the model's size limits) written into the request schema.
-pub fn document(spec: &str, limits: &Limits, latent_factor: usize) -> String {
-    let Ok(mut doc) = serde_json::from_str::<Value>(spec) else {
-        return spec.to_string();
-    };
-    let max_side = limits.max_side(latent_factor);
-    let min_side = validation::min_side(latent_factor);
-    if let Some(properties) = doc
-        .pointer_mut("/components/schemas/GenerateRequest/properties")
-        .and_then(Value::as_object_mut)
-    {
-        let mut set = |field: &str, key: &str, value: Value| {
-            if let Some(schema) = properties.get_mut(field).and_then(Value::as_object_mut) {
-                schema.insert(key.to_string(), value);
+/// [`Api`] as documented: the original API's path `/generate/`, with its trailing slash (the
+/// route itself is `/generate`, which the server's path normalisation makes answer both).
+pub struct Documented(pub Api);
+
+impl OpenApi for Documented {
+    fn meta() -> Vec<MetaApi> {
+        let mut apis = Api::meta();
+        for path in apis.iter_mut().flat_map(|api| api.paths.iter_mut()) {
+            if path.path == "/generate" {
+                path.path = "/generate/".into();
             }
-        };
-        set("steps", "maximum", limits.max_steps.into());
-        set("number_of_images", "maximum", limits.max_images.into());
-        for side in ["width", "height"] {
-            set(side, "maximum", max_side.into());
-            set(side, "minimum", min_side.into());
-            set(side, "multipleOf", latent_factor.into());
         }
-        set("steps", "minimum", 1.into());
-        set("number_of_images", "minimum", 1.into());
-        set("seed", "minimum", (-1).into());
-        let names: Vec<Value> = SchedulerKind::ALL.iter().map(|k| k.name().into()).collect();
-        set("scheduler", "enum", names.into());
+        apis
     }
-    if let Some(schema) = doc
-        .pointer_mut("/components/schemas/GenerateRequest")
-        .and_then(Value::as_object_mut)
-    {
-        schema.insert(
-            "description".into(),
-            format!(
-                "The original API's fields plus negative_prompt and scheduler. Limits of this \
-                 server: width × height ≤ {} pixels, steps ≤ {}, number_of_images ≤ {}, prompts \
-                 ≤ {} characters. Every field but prompt is optional; null means the default.",
-                limits.max_pixels,
-                limits.max_steps,
-                limits.max_images,
-                validation::MAX_PROMPT_CHARS
-            )
-            .into(),
-        );
+
+    fn register(registry: &mut Registry) {
+        Api::register(registry);
     }
-    // The original API's path, with its trailing slash (`/generate` works too).
-    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
-        if let Some(generate) = paths.remove("/generate") {
-            paths.insert("/generate/".into(), generate);
-        }
+
+    fn add_routes(self, route_table: &mut HashMap<String, HashMap<Method, BoxEndpoint<'static>>>) {
+        self.0.add_routes(route_table);
     }
-    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| spec.to_string())
 }

@@ -3,14 +3,16 @@
 //! and the life cycle: bind, serve while the engine loads and warms up, and on SIGTERM/SIGINT
 //! stop accepting, finish in-flight requests up to a timeout, stop the engine, return.
 //!
-//! Request flow: middleware → `api.rs` (read body, `validation.rs`) → engine queue → worker →
-//! `response.rs` (PNG/JSON) → client. Nothing in a request is ever used as a file path.
+//! Request flow: middleware → `api.rs` (`body.rs` reads the body, `crate::request` checks it)
+//! → engine queue → worker → `response.rs` (PNG/JSON) → client; `error.rs` turns every failure
+//! into its status and JSON answer. Nothing in a request is ever used as a file path.
 
 pub mod api;
+pub mod body;
 pub mod connection;
+pub mod error;
 pub mod metrics;
 pub mod response;
-pub mod validation;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,10 +28,12 @@ use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::OpenApiService;
 
 use crate::engine::{Engine, EngineConfig, Loader};
-use api::Api;
+use crate::request::schema::{self, SchemaContext};
+use crate::request::Limits;
+use api::{Api, Documented};
 use connection::{Connections, WatchedAcceptor};
+use error::ApiError;
 use metrics::Metrics;
-use validation::{ApiError, Limits};
 
 /// Everything `sd21 serve` is configured with (besides the model).
 #[derive(Clone)]
@@ -209,47 +213,34 @@ fn app(
     metrics: Arc<Metrics>,
     connections: Connections,
 ) -> impl Endpoint {
-    let limits = config.limits;
-    let service = OpenApiService::new(
-        Api {
-            engine: engine.clone(),
-            metrics,
-            limits,
-            connections,
-        },
-        "sd21",
-        env!("CARGO_PKG_VERSION"),
-    )
-    .description(
-        "Stable Diffusion 2.1 text-to-image, compatible with the original FastAPI server's \
-         POST /generate/.",
-    );
-    let raw_spec = service.spec();
-    let raw_html = service.swagger_ui_html();
-    let spec_engine = engine.clone();
-    let spec = move || {
-        // The model's latent factor sets the size rules; 8 (SD 2.x) until it is loaded.
-        let latent_factor = spec_engine.model().map_or(8, |m| m.latent_factor);
-        (
-            api::document(&raw_spec, &limits, latent_factor),
-            raw_spec.clone(),
-        )
+    let api = Api {
+        engine: engine.clone(),
+        metrics,
+        limits: config.limits,
+        connections,
     };
-    let html_spec = spec.clone();
+    // The spec and the docs page are generated per request with this server's limits and the
+    // loaded model's latent factor (8, SD 2.x, until it is loaded) in the schema context.
+    let limits = config.limits;
+    let spec_context = move || SchemaContext {
+        limits,
+        latent_factor: engine.model().map_or(8, |m| m.latent_factor),
+    };
+    let documented = Arc::new(openapi_service(api.clone()));
+    let (docs_context, docs_service) = (spec_context.clone(), documented.clone());
     let docs = poem::endpoint::make_sync(move |_| {
-        // The page embeds poem-openapi's spec verbatim; swap in the served one.
-        let (served, raw) = html_spec();
-        Html(raw_html.replacen(&raw, &served, 1))
+        Html(schema::with_context(docs_context(), || {
+            docs_service.swagger_ui_html()
+        }))
     });
     let spec_json = poem::endpoint::make_sync(move |_| {
-        spec()
-            .0
+        schema::with_context(spec_context(), || documented.spec())
             .with_content_type("application/json; charset=utf-8")
             .into_response()
     });
 
     let routes = Route::new()
-        .nest("/", service)
+        .nest("/", openapi_service(api))
         .at("/openapi.json", spec_json)
         .at("/docs", docs);
     let mut app = routes
@@ -292,6 +283,14 @@ fn app(
     app.around(json_errors)
         .with(NormalizePath::new(TrailingSlash::Trim))
         .around(log_request)
+}
+
+/// The routes of `api`, documented.
+fn openapi_service(api: Api) -> OpenApiService<Documented, ()> {
+    OpenApiService::new(Documented(api), "sd21", env!("CARGO_PKG_VERSION")).description(
+        "Stable Diffusion 2.1 text-to-image, compatible with the original FastAPI server's \
+         POST /generate/.",
+    )
 }
 
 /// `Authorization: Bearer <key>`, compared in constant time.

@@ -1,0 +1,91 @@
+//! One variant per rule a request value can break; each message states the limit and the value.
+
+use super::limits::CFG_SCALE_RANGE;
+use crate::sampling::SchedulerKind;
+
+/// One variant per rule a request can break. `field` names the JSON field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("the request body must be a JSON object, got {found}")]
+    NotAnObject { found: String },
+    #[error("{field} is required")]
+    Missing { field: &'static str },
+    #[error("{field} must be {expected}, got {found}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("{field} must be at most {max} characters long, got {chars}")]
+    TooLong {
+        field: &'static str,
+        max: usize,
+        chars: usize,
+    },
+    #[error("{field} must be a multiple of {multiple}, got {value}")]
+    NotMultiple {
+        field: &'static str,
+        multiple: usize,
+        value: i128,
+    },
+    #[error("{field} must be between {min} and {max} pixels, got {value}")]
+    SideOutOfRange {
+        field: &'static str,
+        min: usize,
+        max: usize,
+        value: i128,
+    },
+    #[error(
+        "width × height must be at most {max} pixels (--max-pixels), got {width}×{height} = {}",
+        width * height
+    )]
+    TooManyPixels {
+        width: usize,
+        height: usize,
+        max: usize,
+    },
+    #[error("steps must be between 1 and {max} (--max-steps), got {value}")]
+    StepsOutOfRange { max: usize, value: i128 },
+    #[error("number_of_images must be between 1 and {max} (--max-images), got {value}")]
+    ImagesOutOfRange { max: usize, value: i128 },
+    #[error("cfg_scale must be between {} and {}, got {value}", CFG_SCALE_RANGE.0, CFG_SCALE_RANGE.1)]
+    CfgScaleOutOfRange { value: f64 },
+    #[error(
+        "seed must be between 0 and {} (or -1 for a random seed), got {value}",
+        u64::MAX
+    )]
+    SeedOutOfRange { value: String },
+    #[error("unknown scheduler \"{value}\" (valid: {})", scheduler_names())]
+    UnknownScheduler { value: String },
+    #[error(
+        "the model's own scheduler cannot be used ({reason}); name one of: {}",
+        scheduler_names()
+    )]
+    NoDefaultScheduler { reason: String },
+}
+
+impl ValidationError {
+    /// The request field at fault (`body` when it is the whole body).
+    pub fn field(&self) -> &'static str {
+        match self {
+            ValidationError::NotAnObject { .. } => "body",
+            ValidationError::Missing { field }
+            | ValidationError::WrongType { field, .. }
+            | ValidationError::TooLong { field, .. }
+            | ValidationError::NotMultiple { field, .. }
+            | ValidationError::SideOutOfRange { field, .. } => field,
+            ValidationError::TooManyPixels { .. } => "width",
+            ValidationError::StepsOutOfRange { .. } => "steps",
+            ValidationError::ImagesOutOfRange { .. } => "number_of_images",
+            ValidationError::CfgScaleOutOfRange { .. } => "cfg_scale",
+            ValidationError::SeedOutOfRange { .. } => "seed",
+            ValidationError::UnknownScheduler { .. }
+            | ValidationError::NoDefaultScheduler { .. } => "scheduler",
+        }
+    }
+}
+
+fn scheduler_names() -> String {
+    let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
+    names.join(", ")
+}
