@@ -7,7 +7,7 @@ use anyhow::Result;
 use sd21::backend::{Activation, Backend, Mask};
 
 use crate::device::BenchDevice;
-use sd21::tensor::HostTensor;
+use sd21::random::SeededRng;
 
 /// One op at one shape. Activations are NHWC / `[B, N, C]` as in the models.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -128,18 +128,9 @@ impl OpCase {
     /// Builds random inputs on the backend; `variant` changes the values so repeated runs can
     /// rotate through several input sets.
     fn inputs<B: Backend>(&self, backend: &B, variant: u64) -> Result<Vec<B::Tensor>> {
-        let mut rng = variant.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rng = SeededRng::new(variant);
         let mut tensor = |shape: Vec<usize>, scale: f32| -> Result<B::Tensor> {
-            let n: usize = shape.iter().product();
-            let data = (0..n)
-                .map(|_| {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    ((rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-                })
-                .collect();
-            Ok(backend.upload(&HostTensor::new(shape, data)?)?)
+            Ok(backend.upload(&rng.tensor(&shape, scale)?)?)
         };
         Ok(match *self {
             OpCase::Conv {

@@ -608,68 +608,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image_io::RgbImage;
-    use crate::pipeline::Progress;
-
-    /// A stand-in model: `prompt` selects the behaviour; "slow" runs until cancelled.
-    struct Fake;
-
-    impl ImageGenerator for Fake {
-        fn generate(
-            &self,
-            request: &GenerationRequest,
-            on_step: &mut dyn FnMut(Progress) -> bool,
-        ) -> crate::Result<Vec<GeneratedImage>> {
-            match request.prompt.as_str() {
-                "panic" => panic!("boom"),
-                "oom" => return Err(Error::Backend("out of memory".into())),
-                _ => {}
-            }
-            let steps = if request.prompt == "slow" {
-                usize::MAX
-            } else {
-                request.steps
-            };
-            for step in 1..=steps {
-                if request.prompt == "slow" {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                let progress = Progress {
-                    image: 0,
-                    step,
-                    steps_per_image: steps,
-                };
-                if !on_step(progress) {
-                    return Err(Error::Cancelled);
-                }
-            }
-            Ok((0..request.number_of_images)
-                .map(|i| GeneratedImage {
-                    seed: request.seed + i as u64,
-                    image: RgbImage {
-                        width: request.width,
-                        height: request.height,
-                        pixels: vec![0; request.width * request.height * 3],
-                    },
-                })
-                .collect())
-        }
-        fn native_size(&self) -> (usize, usize) {
-            (64, 64)
-        }
-        fn latent_factor(&self) -> usize {
-            8
-        }
-        fn default_scheduler(&self) -> crate::Result<SchedulerKind> {
-            Ok(SchedulerKind::Ddim)
-        }
-        fn model_name(&self) -> &str {
-            "fake"
-        }
-        fn describe_device(&self) -> String {
-            "test".into()
-        }
-    }
+    use crate::testing::FakeGenerator;
 
     fn request(prompt: &str) -> GenerationRequest {
         GenerationRequest {
@@ -700,7 +639,7 @@ mod tests {
                 queue_size,
                 request_timeout: timeout,
             },
-            Box::new(|| Ok(Box::new(Fake) as Box<dyn ImageGenerator>)),
+            FakeGenerator::new(SchedulerKind::Ddim).loader(),
             metrics,
         )
         .expect("thread");

@@ -9,10 +9,13 @@ pub mod error;
 pub mod image_io;
 pub mod model;
 pub mod pipeline;
+pub mod random;
 pub mod request;
 pub mod sampling;
 pub mod server;
 pub mod tensor;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

@@ -23,6 +23,7 @@ use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::{cuda_available, kernel_build_info, CudaBackend};
 use sd21::backend::{Activation, Backend, Mask, Tensor};
 use sd21::pipeline::{cuda_graphs, GenerationRequest, Pipeline};
+use sd21::random::SeededRng;
 use sd21::sampling::SchedulerKind;
 use sd21::tensor::HostTensor;
 use sd21::weights::ModelFiles;
@@ -133,22 +134,15 @@ fn check(what: &str, got: &HostTensor, want: &HostTensor) {
     );
 }
 
-/// xorshift64*: deterministic, seedable test data.
-struct Rng(u64);
+/// The crate's seeded generator, making f16-representable host tensors.
+struct Rng(SeededRng);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Rng(SeededRng::new(seed))
     }
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [-1, 1).
     fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        self.0.uniform()
     }
     /// `offset + scale · U(-1, 1)`, rounded to f16.
     fn tensor_at(&mut self, shape: &[usize], offset: f32, scale: f32) -> HostTensor {

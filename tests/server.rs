@@ -1029,63 +1029,9 @@ fn a_missing_model_fails_at_start_with_a_clear_message() {
 
 mod failing_model {
     use super::*;
-    use sd21::engine::Loader;
-    use sd21::image_io::RgbImage;
-    use sd21::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Progress};
     use sd21::sampling::SchedulerKind;
     use sd21::server::{serve, ServerConfig};
-
-    /// "oom" fails like a device out of memory; "panic" panics; anything else is a grey image.
-    struct Flaky;
-
-    impl ImageGenerator for Flaky {
-        fn generate(
-            &self,
-            request: &GenerationRequest,
-            on_step: &mut dyn FnMut(Progress) -> bool,
-        ) -> sd21::Result<Vec<GeneratedImage>> {
-            match request.prompt.as_str() {
-                "oom" => return Err(sd21::Error::Backend("CUDA_ERROR_OUT_OF_MEMORY".into())),
-                "panic" => panic!("a bug in a kernel"),
-                _ => {}
-            }
-            for step in 1..=request.steps {
-                let progress = Progress {
-                    image: 0,
-                    step,
-                    steps_per_image: request.steps,
-                };
-                if !on_step(progress) {
-                    return Err(sd21::Error::Cancelled);
-                }
-            }
-            Ok((0..request.number_of_images)
-                .map(|i| GeneratedImage {
-                    seed: request.seed + i as u64,
-                    image: RgbImage {
-                        width: request.width,
-                        height: request.height,
-                        pixels: vec![128; request.width * request.height * 3],
-                    },
-                })
-                .collect())
-        }
-        fn native_size(&self) -> (usize, usize) {
-            (64, 64)
-        }
-        fn latent_factor(&self) -> usize {
-            8
-        }
-        fn default_scheduler(&self) -> sd21::Result<SchedulerKind> {
-            Ok(SchedulerKind::EulerAncestral)
-        }
-        fn model_name(&self) -> &str {
-            "flaky"
-        }
-        fn describe_device(&self) -> String {
-            "test".into()
-        }
-    }
+    use sd21::testing::FakeGenerator;
 
     #[test]
     fn a_device_failure_is_503_a_panic_500_and_the_server_keeps_serving() {
@@ -1097,7 +1043,7 @@ mod failing_model {
                 .enable_all()
                 .build()
                 .unwrap();
-            let load: Loader = Box::new(|| Ok(Box::new(Flaky) as Box<dyn ImageGenerator>));
+            let load = FakeGenerator::new(SchedulerKind::EulerAncestral).loader();
             runtime.block_on(serve(ServerConfig::default(), load, listener, async {
                 let _ = stop_rx.await;
             }))

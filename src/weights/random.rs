@@ -2,6 +2,7 @@
 //! download (`sd21-bench pipeline --random`). Values are deterministic per tensor name and scaled
 //! like a fresh PyTorch init (uniform ±1/√fan_in; norms near 1), so activations stay finite.
 
+use crate::random::SeededRng;
 use crate::tensor::HostTensor;
 use crate::weights::TensorSource;
 use crate::{Error, Result};
@@ -40,15 +41,8 @@ impl TensorSource for RandomWeights {
             })?
             .to_vec();
         let numel: usize = shape.iter().product();
-        let mut state = self.seed ^ fnv1a(name);
-        let mut uniform = move || {
-            // xorshift64*: plenty for weights whose only job is to be finite and varied.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32 * 2.0
-                - 1.0
-        };
+        let mut rng = SeededRng::new(self.seed ^ fnv1a(name));
+        let mut uniform = move || rng.uniform();
         let is_norm = name.contains("norm") || name.contains("ln_");
         let data = if is_norm && name.ends_with("weight") {
             (0..numel).map(|_| 1.0 + 0.1 * uniform()).collect()

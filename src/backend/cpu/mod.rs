@@ -182,26 +182,17 @@ impl Compute for CpuBackend {
 pub(crate) mod testutil {
     use super::CpuTensor;
     use crate::backend::Tensor;
+    use crate::random::SeededRng;
 
-    /// xorshift64* — deterministic, seedable, good enough for test data.
-    pub struct Rng(u64);
+    /// The crate's seeded generator, making CPU tensors.
+    pub struct Rng(SeededRng);
 
     impl Rng {
         pub fn new(seed: u64) -> Self {
-            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        pub fn next_u64(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        /// Uniform in [-1, 1).
-        pub fn uniform(&mut self) -> f32 {
-            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            Rng(SeededRng::new(seed))
         }
         pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| self.uniform() * scale).collect()
+            self.0.values(n, scale)
         }
         pub fn tensor(&mut self, shape: &[usize], scale: f32) -> CpuTensor {
             let n = shape.iter().product();

@@ -4,39 +4,30 @@
 
 use super::backend::{CudaBackend, CudaTensor};
 use crate::backend::Backend;
-use crate::tensor::HostTensor;
+use crate::random::SeededRng;
 use crate::{Error, Result};
 
 /// The largest relative L2 difference between a wgmma kernel and its portable counterpart that
 /// passes (both f16 storage, f32 accumulation: real differences are ~1e-3).
 const MAX_REL_L2: f64 = 1e-2;
 
-/// Seeded xorshift values uploaded as device tensors (never zeros).
+/// Seeded random values uploaded as device tensors (never zeros).
 pub(super) struct RandomTensors<'a> {
     be: &'a CudaBackend,
-    state: u64,
+    rng: SeededRng,
 }
 
 impl<'a> RandomTensors<'a> {
     pub(super) fn new(be: &'a CudaBackend, seed: u64) -> Self {
         RandomTensors {
             be,
-            state: seed | 1,
+            rng: SeededRng::new(seed),
         }
     }
 
     /// A `shape` tensor of values uniform in [−scale, scale).
     pub(super) fn tensor(&mut self, shape: &[usize], scale: f32) -> Result<CudaTensor> {
-        let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| {
-                self.state ^= self.state << 13;
-                self.state ^= self.state >> 7;
-                self.state ^= self.state << 17;
-                ((self.state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect();
-        self.be.upload(&HostTensor::new(shape.to_vec(), data)?)
+        self.be.upload(&self.rng.tensor(shape, scale)?)
     }
 }
 
