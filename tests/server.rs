@@ -1,6 +1,6 @@
 //! `sd21 serve` end to end: each test starts the real binary on 127.0.0.1 (a free port) with
-//! the tiny fixture model and talks to it as a client would, over a plain HTTP/1.1 socket (so a
-//! test controls every header and can hang up mid-request). One test runs the library's
+//! the tiny fixture model and talks to it as a client would, through ureq (and a raw socket where
+//! a test must control the bytes: no Accept header, an oversized body, a hang-up mid-request). One test runs the library's
 //! `serve` in-process with a stand-in model that fails on demand.
 //!
 //! Slow jobs are made with many steps at 256×256 (tens of seconds on the CPU), never sleeps;
@@ -20,7 +20,8 @@ use serde_json::{json, Value};
 use common::{decode_png, tiny_model};
 
 // ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client.
+// The client: ureq, and a raw socket only where a test must control the bytes on the wire (no
+// Accept header at all, a body the server refuses before reading it, a client that hangs up).
 
 #[derive(Debug)]
 struct Reply {
@@ -52,8 +53,78 @@ impl Reply {
     }
 }
 
-/// Sends raw bytes (a whole request), reads the answer until the server closes.
-fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
+/// One request through ureq; 4xx and 5xx answers are replies like any other.
+fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Reply {
+    let agent = ureq::AgentBuilder::new()
+        .timeout_read(Duration::from_secs(600))
+        .build();
+    let mut request = agent.request(method, &format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.set(name, value);
+    }
+    let result = match body {
+        Some(body) => request.send_bytes(body),
+        None => request.call(),
+    };
+    let response = match result {
+        Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let status = response.status();
+    let headers = response
+        .headers_names()
+        .into_iter()
+        .filter_map(|name| {
+            let value = response.header(&name)?.to_string();
+            Some((name, value))
+        })
+        .collect();
+    let mut body = Vec::new();
+    response
+        .into_reader()
+        .read_to_end(&mut body)
+        .expect("read the answer");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    send(addr, "GET", path, headers, None)
+}
+
+/// POST JSON to /generate/ with the given Accept (None: ureq's `*/*`).
+fn generate(addr: SocketAddr, accept: Option<&str>, body: &Value) -> Reply {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(accept) = accept {
+        headers.push(("Accept", accept));
+    }
+    post(addr, &headers, body.to_string().as_bytes())
+}
+
+fn post(addr: SocketAddr, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    send(addr, "POST", "/generate/", headers, Some(body))
+}
+
+/// A whole request as bytes: `head` (request line and headers, without the blank line), then
+/// `body`. Answers are read by [`exchange_raw`].
+fn raw_request(head: &str, body: &[u8]) -> Vec<u8> {
+    let mut raw = format!("{head}\r\n\r\n").into_bytes();
+    raw.extend_from_slice(body);
+    raw
+}
+
+/// Sends raw bytes and reads the answer until the server closes (the head parsed by httparse,
+/// the body by its Content-Length).
+fn exchange_raw(addr: SocketAddr, raw: &[u8]) -> Reply {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(600)))
@@ -63,85 +134,36 @@ fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
     let mut bytes = Vec::new();
     // A reset after the answer (unread body) still leaves the answer in `bytes`.
     let _ = stream.read_to_end(&mut bytes);
-    parse_reply(&bytes)
-}
-
-fn parse_reply(bytes: &[u8]) -> Reply {
-    let split = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(bytes)));
-    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+    let mut header_slots = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut header_slots);
+    let head_len = match response.parse(&bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        other => panic!(
+            "no HTTP head ({other:?}) in {:?}",
+            String::from_utf8_lossy(&bytes)
+        ),
+    };
+    let headers: Vec<(String, String)> = response
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect();
-    let mut body = bytes[split + 4..].to_vec();
-    let chunked = headers.iter().any(|(n, v)| {
-        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    if chunked {
-        body = dechunk(&body);
-    }
-    Reply {
-        status,
+    let mut reply = Reply {
+        status: response.code.expect("a status"),
         headers,
-        body,
-    }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size_text = String::from_utf8_lossy(&data[..end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .unwrap_or(0);
-        if size == 0 || data.len() < end + 2 + size {
-            return out;
-        }
-        out.extend_from_slice(&data[end + 2..end + 2 + size]);
-        data = &data[(end + 4 + size).min(data.len())..];
-    }
-}
-
-fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        raw.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if method == "POST" {
-        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    raw.push_str("\r\n");
-    let mut raw = raw.into_bytes();
-    raw.extend_from_slice(body);
-    raw
-}
-
-fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
-    exchange(addr, &request_bytes("GET", path, headers, b""))
-}
-
-/// POST JSON to /generate/ with the given Accept (None: no Accept header).
-fn generate(addr: SocketAddr, accept: Option<&str>, body: &Value) -> Reply {
-    let mut headers = vec![("Content-Type", "application/json")];
-    if let Some(accept) = accept {
-        headers.push(("Accept", accept));
-    }
-    let body = body.to_string();
-    exchange(
-        addr,
-        &request_bytes("POST", "/generate/", &headers, body.as_bytes()),
-    )
+        body: Vec::new(),
+    };
+    let length: usize = reply
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .expect("raw answers carry a Content-Length");
+    reply.body = bytes[head_len..][..length].to_vec();
+    reply
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,12 +278,12 @@ fn metric(text: &str, sample: &str) -> f64 {
 /// Sends a request and returns the open socket without reading (the caller hangs up later).
 fn send_and_hold(addr: SocketAddr, body: &Value) -> TcpStream {
     let body = body.to_string();
-    let raw = request_bytes(
-        "POST",
-        "/generate/",
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
+    let head = format!(
+        "POST /generate/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}",
+        body.len()
     );
+    let raw = raw_request(&head, body.as_bytes());
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.write_all(&raw).expect("send");
     stream
@@ -384,14 +406,14 @@ fn defaults_apply_and_no_accept_wildcard_accept_and_the_path_without_slash_give_
             "model's scheduler, cfg 7: {text}"
         );
     }
-    // Without the trailing slash, and without a Content-Type (taken as JSON, as FastAPI does).
-    let raw = request_bytes(
-        "POST",
-        "/generate",
-        &[],
-        br#"{"prompt": "a dog", "steps": 2}"#,
+    // Without the trailing slash, and without a Content-Type (taken as JSON, as FastAPI does)
+    // or an Accept header (raw: a client library adds one).
+    let body = br#"{"prompt": "a dog", "steps": 2}"#;
+    let head = format!(
+        "POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}",
+        body.len()
     );
-    let reply = exchange(server.addr, &raw);
+    let reply = exchange_raw(server.addr, &raw_request(&head, body));
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header("content-type"), Some("image/png"));
 
@@ -532,16 +554,14 @@ fn the_original_api_example_request_works() {
   "number_of_images": 1,
   "seed": 208513106212
 }"#;
-    let raw = request_bytes(
-        "POST",
-        "/generate/",
+    let reply = post(
+        server.addr,
         &[
             ("accept", "image/png"),
             ("Content-Type", "application/json"),
         ],
         body,
     );
-    let reply = exchange(server.addr, &raw);
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header("content-type"), Some("image/png"));
     assert_eq!(reply.header("x-seeds"), Some("208513106212"));
@@ -609,10 +629,21 @@ fn bad_inputs_get_json_errors_naming_the_field_and_the_server_stays_healthy() {
             .iter()
             .map(|ct| ("Content-Type", *ct))
             .collect();
-        let reply = exchange(
-            server.addr,
-            &request_bytes("POST", "/generate/", &headers, body),
-        );
+        let reply = if body.len() > 64 * 1024 {
+            // Refused on its Content-Length before it is read: raw, as a client library would
+            // stop at the write error before reading the answer.
+            let mut head = format!(
+                "POST /generate/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+                 Content-Length: {}",
+                body.len()
+            );
+            for (name, value) in &headers {
+                head.push_str(&format!("\r\n{name}: {value}"));
+            }
+            exchange_raw(server.addr, &raw_request(&head, body))
+        } else {
+            post(server.addr, &headers, body)
+        };
         assert_eq!(reply.status, *status, "{what}: {}", reply.text());
         assert!(
             reply
@@ -634,14 +665,16 @@ fn bad_inputs_get_json_errors_naming_the_field_and_the_server_stays_healthy() {
         "steps must be between 1 and 150 (--max-steps), got 151"
     );
     // A chunked body over the limit (no Content-Length to refuse early).
-    let mut raw = b"POST /generate/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let head = "POST /generate/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                Content-Type: application/json\r\nTransfer-Encoding: chunked";
+    let mut raw = raw_request(head, b"");
     for chunk in big.as_bytes().chunks(8192) {
         raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
         raw.extend_from_slice(chunk);
         raw.extend_from_slice(b"\r\n");
     }
     raw.extend_from_slice(b"0\r\n\r\n");
-    let reply = exchange(server.addr, &raw);
+    let reply = exchange_raw(server.addr, &raw);
     assert_eq!(reply.status, 413, "{}", reply.text());
     // An Accept the endpoint cannot satisfy.
     let reply = generate(server.addr, Some("text/html"), &json!({"prompt": "a"}));
@@ -795,16 +828,10 @@ fn with_an_api_key_everything_but_health_needs_the_bearer_token() {
     ] {
         let mut headers = vec![ct];
         headers.extend(auth.map(|a| ("Authorization", a)));
-        let reply = exchange(
-            server.addr,
-            &request_bytes("POST", "/generate/", &headers, body),
-        );
+        let reply = post(server.addr, &headers, body);
         assert_eq!(reply.status, 401, "{auth:?}");
     }
-    let reply = exchange(
-        server.addr,
-        &request_bytes("POST", "/generate/", &[ct, good[0]], body),
-    );
+    let reply = post(server.addr, &[ct, good[0]], body);
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(!server.log().contains("s3cret"), "the key is never logged");
     assert!(server
@@ -815,7 +842,8 @@ fn with_an_api_key_everything_but_health_needs_the_bearer_token() {
 #[test]
 fn cors_headers_only_with_cors_origin() {
     let preflight = |addr| {
-        let raw = request_bytes(
+        send(
+            addr,
             "OPTIONS",
             "/generate/",
             &[
@@ -823,9 +851,8 @@ fn cors_headers_only_with_cors_origin() {
                 ("Access-Control-Request-Method", "POST"),
                 ("Access-Control-Request-Headers", "content-type"),
             ],
-            b"",
-        );
-        exchange(addr, &raw)
+            None,
+        )
     };
     let plain = Server::start(&[]);
     let reply = get(plain.addr, "/health", &[("Origin", "http://app.example")]);
