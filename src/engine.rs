@@ -1,4 +1,4 @@
-//! The engine: one worker thread per device owns the model and runs generation jobs one at a
+//! The engine: one worker thread owns the model and runs generation jobs one at a
 //! time from a bounded queue, so the HTTP side never touches the model and a full queue is a
 //! cheap, immediate "no".
 //!
@@ -28,7 +28,7 @@ use crate::sampling::SchedulerKind;
 use crate::Error;
 
 /// Loads the model inside the worker thread (so the server answers `/health` while it loads).
-pub type Loader = Box<dyn FnOnce() -> crate::Result<Box<dyn ImageGenerator>> + Send>;
+pub type ModelLoader = Box<dyn FnOnce() -> crate::Result<Box<dyn ImageGenerator>> + Send>;
 
 /// How the engine admits and bounds work.
 #[derive(Debug, Clone)]
@@ -270,7 +270,7 @@ impl Engine {
     /// receiver says once whether start-up succeeded.
     pub fn start(
         config: EngineConfig,
-        load: Loader,
+        load: ModelLoader,
         metrics: EngineMetrics,
     ) -> std::io::Result<(Engine, oneshot::Receiver<Result<ModelInfo, StartupError>>)> {
         let shared = Arc::new(Shared {
@@ -414,7 +414,7 @@ impl Drop for Engine {
 
 fn worker_main(
     shared: &Shared,
-    load: Loader,
+    load: ModelLoader,
     started: oneshot::Sender<Result<ModelInfo, StartupError>>,
 ) {
     let generator = match start_up(shared, load) {
@@ -437,7 +437,7 @@ fn worker_main(
 }
 
 /// Loads the model and runs one warm-up generation at the smallest size.
-fn start_up(shared: &Shared, load: Loader) -> Result<Box<dyn ImageGenerator>, StartupError> {
+fn start_up(shared: &Shared, load: ModelLoader) -> Result<Box<dyn ImageGenerator>, StartupError> {
     let started = Instant::now();
     let generator = match catch_unwind(AssertUnwindSafe(load)) {
         Ok(Ok(generator)) => generator,

@@ -178,7 +178,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let files = ModelFiles::locate(&model_dir)?;
     let device = args.device;
     // The engine thread loads the model, so /health answers while it loads.
-    let load: sd21::engine::Loader = Box::new(move || {
+    let load: sd21::engine::ModelLoader = Box::new(move || {
         tracing::info!(model = %model_dir.display(), %device, "loading the model");
         load_on_device(&files, device)
     });

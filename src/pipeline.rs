@@ -11,7 +11,7 @@ use crate::sampling::rng::TorchGenerator;
 use crate::sampling::{build_scheduler, SchedulerKind};
 use crate::tensor::HostTensor;
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::{Loader, ModelFiles, SafeTensorsFile, TensorSource};
+use crate::weights::{ModelFiles, SafeTensorsFile, TensorSource, WeightScope};
 use crate::{Error, Result};
 
 /// Everything one generation needs besides the model.
@@ -142,10 +142,12 @@ impl<B: Backend> Pipeline<B> {
                 vae_config.latent_channels, unet_config.in_channels
             )));
         }
-        let text_encoder =
-            ClipTextModel::load(&Loader::new(sources.text_encoder, &backend), &clip_config)?;
-        let unet = Unet::load(&Loader::new(sources.unet, &backend), &unet_config)?;
-        let vae = VaeDecoder::load(&Loader::new(sources.vae, &backend), &vae_config)?;
+        let text_encoder = ClipTextModel::load(
+            &WeightScope::new(sources.text_encoder, &backend),
+            &clip_config,
+        )?;
+        let unet = Unet::load(&WeightScope::new(sources.unet, &backend), &unet_config)?;
+        let vae = VaeDecoder::load(&WeightScope::new(sources.vae, &backend), &vae_config)?;
         Ok(Pipeline {
             backend,
             unet_recorder: None,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::engine::Loader;
+use crate::engine::ModelLoader;
 use crate::image_io::RgbImage;
 use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Progress};
 use crate::sampling::SchedulerKind;
@@ -23,7 +23,7 @@ impl FakeGenerator {
     }
 
     /// Loads this fake (for `Engine::start` and `server::serve`).
-    pub fn loader(self) -> Loader {
+    pub fn loader(self) -> ModelLoader {
         Box::new(move || Ok(Box::new(self) as Box<dyn ImageGenerator>))
     }
 }

@@ -11,7 +11,7 @@ use sd21::backend::cpu::CpuBackend;
 use sd21::backend::Backend;
 use sd21::config::{self, ClipTextConfig, UnetConfig, VaeConfig};
 use sd21::model::{ClipTextModel, Unet, VaeDecoder};
-use sd21::weights::{Loader, ModelFiles, SafeTensorsFile};
+use sd21::weights::{ModelFiles, SafeTensorsFile, WeightScope};
 
 fn files() -> ModelFiles {
     ModelFiles::locate(&tiny_model()).expect("fixture model")
@@ -23,7 +23,7 @@ fn text_encoder_matches_transformers() {
     let backend = CpuBackend::new();
     let cfg: ClipTextConfig = config::read_json(&files.text_encoder_config).unwrap();
     let weights = SafeTensorsFile::open(&files.text_encoder_weights).unwrap();
-    let model = ClipTextModel::load(&Loader::new(&weights, &backend), &cfg).unwrap();
+    let model = ClipTextModel::load(&WeightScope::new(&weights, &backend), &cfg).unwrap();
 
     let bytes = std::fs::read(reference("text_encoder.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -53,7 +53,7 @@ fn unet_matches_diffusers_at_native_and_odd_sizes() {
     let backend = CpuBackend::new();
     let cfg: UnetConfig = config::read_json(&files.unet_config).unwrap();
     let weights = SafeTensorsFile::open(&files.unet_weights).unwrap();
-    let unet = Unet::load(&Loader::new(&weights, &backend), &cfg).unwrap();
+    let unet = Unet::load(&WeightScope::new(&weights, &backend), &cfg).unwrap();
     let reference_file = SafeTensorsFile::open(&reference("unet.safetensors")).unwrap();
     for case in ["a", "b"] {
         let sample = read_tensor(&reference_file, &format!("{case}_sample"));
@@ -82,7 +82,7 @@ fn vae_decoder_matches_diffusers() {
     let backend = CpuBackend::new();
     let cfg: VaeConfig = config::read_json(&files.vae_config).unwrap();
     let weights = SafeTensorsFile::open(&files.vae_weights).unwrap();
-    let vae = VaeDecoder::load(&Loader::new(&weights, &backend), &cfg).unwrap();
+    let vae = VaeDecoder::load(&WeightScope::new(&weights, &backend), &cfg).unwrap();
     let reference_file = SafeTensorsFile::open(&reference("vae.safetensors")).unwrap();
     for case in ["a", "b"] {
         let latents = read_tensor(&reference_file, &format!("{case}_latents"));

@@ -15,7 +15,7 @@ use sd21::backend::Backend;
 use sd21::config::{self, UnetConfig, VaeConfig};
 use sd21::model::{Unet, VaeDecoder};
 use sd21::pipeline::Pipeline;
-use sd21::weights::{Loader, ModelFiles, SafeTensorsFile};
+use sd21::weights::{ModelFiles, SafeTensorsFile, WeightScope};
 
 /// Rewrites a safetensors file: each tensor through `map(name, shape, f32 data)`, which returns
 /// the new name and dtype (or None to drop the tensor).
@@ -61,7 +61,7 @@ fn unet_output(files: &ModelFiles) -> Vec<f32> {
     let backend = CpuBackend::new();
     let cfg: UnetConfig = config::read_json(&files.unet_config).unwrap();
     let weights = SafeTensorsFile::open(&files.unet_weights).unwrap();
-    let unet = Unet::load(&Loader::new(&weights, &backend), &cfg).unwrap();
+    let unet = Unet::load(&WeightScope::new(&weights, &backend), &cfg).unwrap();
     let reference_file = SafeTensorsFile::open(&reference("unet.safetensors")).unwrap();
     let sample = read_tensor(&reference_file, "a_sample")
         .nchw_to_nhwc()
@@ -139,7 +139,7 @@ fn vae_with_legacy_attention_names_decodes_the_same() {
         let backend = CpuBackend::new();
         let cfg: VaeConfig = config::read_json(&files.vae_config).unwrap();
         let weights = SafeTensorsFile::open(&files.vae_weights).unwrap();
-        let vae = VaeDecoder::load(&Loader::new(&weights, &backend), &cfg).unwrap();
+        let vae = VaeDecoder::load(&WeightScope::new(&weights, &backend), &cfg).unwrap();
         let reference_file = SafeTensorsFile::open(&reference("vae.safetensors")).unwrap();
         let z = read_tensor(&reference_file, "a_latents")
             .nchw_to_nhwc()

@@ -4,7 +4,7 @@
 use crate::backend::{Backend, Mask};
 use crate::config::ClipTextConfig;
 use crate::model::layers::{LayerNorm, Linear};
-use crate::weights::Loader;
+use crate::weights::WeightScope;
 use crate::{Error, Result};
 
 struct ClipLayer<B: Backend> {
@@ -29,7 +29,7 @@ pub struct ClipTextModel<B: Backend> {
 
 impl<B: Backend> ClipTextModel<B> {
     /// Builds the encoder from the tensors under `w` (the root of `text_encoder/*.safetensors`).
-    pub fn load(w: &Loader<B>, config: &ClipTextConfig) -> Result<Self> {
+    pub fn load(w: &WeightScope<B>, config: &ClipTextConfig) -> Result<Self> {
         config.validate()?;
         let d = config.hidden_size;
         let ff = config.intermediate_size;

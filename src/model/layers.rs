@@ -2,7 +2,7 @@
 //! Attention, the GEGLU feed-forward, BasicTransformerBlock and Transformer2DModel.
 
 use crate::backend::{Activation, Backend, Mask, Tensor};
-use crate::weights::Loader;
+use crate::weights::WeightScope;
 use crate::Result;
 
 /// `nn.Linear`: weight `[out, in]`, optional bias `[out]`.
@@ -13,7 +13,7 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// A layer with its bias.
-    pub fn load(w: &Loader<B>, inp: usize, out: usize) -> Result<Self> {
+    pub fn load(w: &WeightScope<B>, inp: usize, out: usize) -> Result<Self> {
         Ok(Linear {
             weight: w.linear_weight("weight", out, inp)?,
             bias: Some(w.tensor("bias", &[out])?),
@@ -21,7 +21,7 @@ impl<B: Backend> Linear<B> {
     }
 
     /// A layer with a bias only when the checkpoint has one.
-    pub fn load_optional_bias(w: &Loader<B>, inp: usize, out: usize) -> Result<Self> {
+    pub fn load_optional_bias(w: &WeightScope<B>, inp: usize, out: usize) -> Result<Self> {
         if !w.contains("bias") {
             return Ok(Linear {
                 weight: w.linear_weight("weight", out, inp)?,
@@ -46,7 +46,7 @@ pub struct Conv2d<B: Backend> {
 
 impl<B: Backend> Conv2d<B> {
     pub fn load(
-        w: &Loader<B>,
+        w: &WeightScope<B>,
         inp: usize,
         out: usize,
         kernel: usize,
@@ -94,7 +94,7 @@ pub struct GroupNorm<B: Backend> {
 }
 
 impl<B: Backend> GroupNorm<B> {
-    pub fn load(w: &Loader<B>, channels: usize, groups: usize, eps: f32) -> Result<Self> {
+    pub fn load(w: &WeightScope<B>, channels: usize, groups: usize, eps: f32) -> Result<Self> {
         Ok(GroupNorm {
             gamma: w.tensor("weight", &[channels])?,
             beta: w.tensor("bias", &[channels])?,
@@ -116,7 +116,7 @@ pub struct LayerNorm<B: Backend> {
 }
 
 impl<B: Backend> LayerNorm<B> {
-    pub fn load(w: &Loader<B>, channels: usize, eps: f32) -> Result<Self> {
+    pub fn load(w: &WeightScope<B>, channels: usize, eps: f32) -> Result<Self> {
         Ok(LayerNorm {
             gamma: w.tensor("weight", &[channels])?,
             beta: w.tensor("bias", &[channels])?,
@@ -143,7 +143,7 @@ pub struct ResnetBlock2D<B: Backend> {
 impl<B: Backend> ResnetBlock2D<B> {
     /// `temb_channels` is `None` for the VAE's resnets (no time embedding).
     pub fn load(
-        w: &Loader<B>,
+        w: &WeightScope<B>,
         inp: usize,
         out: usize,
         temb_channels: Option<usize>,
@@ -202,7 +202,12 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// `query_dim` channels in and out, keys/values from `context_dim` channels; projections
     /// carry a bias only where the checkpoint has one (UNet: none on q/k/v; VAE: all).
-    pub fn load(w: &Loader<B>, query_dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+    pub fn load(
+        w: &WeightScope<B>,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+    ) -> Result<Self> {
         Ok(Attention {
             to_q: Linear::load_optional_bias(&w.pp("to_q"), query_dim, query_dim)?,
             to_k: Linear::load_optional_bias(&w.pp("to_k"), context_dim, query_dim)?,
@@ -214,7 +219,7 @@ impl<B: Backend> Attention<B> {
 
     /// The VAE's single-head attention, which older diffusers files store as
     /// `query`/`key`/`value`/`proj_attn` (the real SD 2.1 VAE files among them).
-    pub fn load_vae(w: &Loader<B>, channels: usize) -> Result<Self> {
+    pub fn load_vae(w: &WeightScope<B>, channels: usize) -> Result<Self> {
         if w.contains("query.weight") {
             return Ok(Attention {
                 to_q: Linear::load(&w.pp("query"), channels, channels)?,
@@ -245,7 +250,7 @@ pub struct FeedForward<B: Backend> {
 }
 
 impl<B: Backend> FeedForward<B> {
-    pub fn load(w: &Loader<B>, dim: usize) -> Result<Self> {
+    pub fn load(w: &WeightScope<B>, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(FeedForward {
             proj: Linear::load(&w.pp("net.0.proj"), dim, inner * 2)?,
@@ -273,7 +278,7 @@ pub struct BasicTransformerBlock<B: Backend> {
 
 impl<B: Backend> BasicTransformerBlock<B> {
     pub fn load(
-        w: &Loader<B>,
+        w: &WeightScope<B>,
         dim: usize,
         context_dim: usize,
         heads: usize,
@@ -312,7 +317,7 @@ pub struct Transformer2D<B: Backend> {
 impl<B: Backend> Transformer2D<B> {
     #[allow(clippy::too_many_arguments)]
     pub fn load(
-        w: &Loader<B>,
+        w: &WeightScope<B>,
         channels: usize,
         context_dim: usize,
         heads: usize,

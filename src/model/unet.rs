@@ -5,7 +5,7 @@ use crate::backend::{Activation, Backend, Tensor};
 use crate::config::UnetConfig;
 use crate::model::layers::{Conv2d, GroupNorm, Linear, ResnetBlock2D, Transformer2D};
 use crate::tensor::HostTensor;
-use crate::weights::Loader;
+use crate::weights::WeightScope;
 use crate::{Error, Result};
 
 /// One down or up block: resnets, each followed by a transformer in a cross-attention block,
@@ -21,7 +21,7 @@ impl<B: Backend> Block<B> {
     /// `resnets.{j}` with `channels[j]` = (in, out) and, for a `CrossAttn*` block, `attentions.{j}`
     /// with the heads and depth of `level`.
     fn load(
-        w: &Loader<B>,
+        w: &WeightScope<B>,
         config: &UnetConfig,
         kind: &str,
         level: usize,
@@ -89,7 +89,7 @@ pub struct Unet<B: Backend> {
 
 impl<B: Backend> Unet<B> {
     /// Builds the UNet from the tensors under `w` (the root of `unet/*.safetensors`).
-    pub fn load(w: &Loader<B>, config: &UnetConfig) -> Result<Self> {
+    pub fn load(w: &WeightScope<B>, config: &UnetConfig) -> Result<Self> {
         config.validate()?;
         let c = &config.block_out_channels;
         let (groups, eps) = (config.norm_num_groups, config.norm_eps);
@@ -134,7 +134,7 @@ impl<B: Backend> Unet<B> {
 
     /// `down_blocks.{i}`: `layers_per_block` resnets from the previous level's channels to
     /// `c[i]`, a stride-2 conv below every level but the last.
-    fn load_down_blocks(w: &Loader<B>, config: &UnetConfig) -> Result<Vec<Block<B>>> {
+    fn load_down_blocks(w: &WeightScope<B>, config: &UnetConfig) -> Result<Vec<Block<B>>> {
         let c = &config.block_out_channels;
         let mut blocks = Vec::with_capacity(c.len());
         for (i, kind) in config.down_block_types.iter().enumerate() {
@@ -153,7 +153,7 @@ impl<B: Backend> Unet<B> {
 
     /// `up_blocks.{i}` mirrors down level `n − 1 − i`: `layers_per_block + 1` resnets over the
     /// concatenated skips, an upsampling conv above every level but the top.
-    fn load_up_blocks(w: &Loader<B>, config: &UnetConfig) -> Result<Vec<Block<B>>> {
+    fn load_up_blocks(w: &WeightScope<B>, config: &UnetConfig) -> Result<Vec<Block<B>>> {
         let c = &config.block_out_channels;
         let n = c.len();
         let layers = config.layers_per_block + 1;

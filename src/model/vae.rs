@@ -4,7 +4,7 @@
 use crate::backend::{Activation, Backend, Tensor};
 use crate::config::VaeConfig;
 use crate::model::layers::{Attention, Conv2d, GroupNorm, ResnetBlock2D};
-use crate::weights::Loader;
+use crate::weights::WeightScope;
 use crate::{Error, Result};
 
 const VAE_NORM_EPS: f32 = 1e-6;
@@ -30,7 +30,7 @@ pub struct VaeDecoder<B: Backend> {
 
 impl<B: Backend> VaeDecoder<B> {
     /// Builds the decoder from the tensors under `w` (the root of `vae/*.safetensors`).
-    pub fn load(w: &Loader<B>, config: &VaeConfig) -> Result<Self> {
+    pub fn load(w: &WeightScope<B>, config: &VaeConfig) -> Result<Self> {
         config.validate()?;
         let c = &config.block_out_channels;
         let n = c.len();

@@ -13,12 +13,28 @@ use super::{check_step, rng::TorchGenerator, PredictionType, Scheduler};
 use crate::config::SchedulerConfig;
 use crate::{Error, Result};
 
+/// Which of the two samplers: deterministic Euler, or Euler ancestral (fresh noise each step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Variant {
+    Plain,
+    Ancestral,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Plain => "Euler",
+            Variant::Ancestral => "Euler ancestral",
+        }
+    }
+}
+
 pub(crate) struct Euler {
     sigmas: Vec<f32>,
     timesteps: Vec<f32>,
     init_noise_sigma: f32,
     prediction: PredictionType,
-    ancestral: bool,
+    variant: Variant,
     last_step: Option<usize>,
 }
 
@@ -27,13 +43,10 @@ impl Euler {
         config: &SchedulerConfig,
         prediction: PredictionType,
         steps: usize,
-        ancestral: bool,
+        variant: Variant,
     ) -> Result<Self> {
-        let name = if ancestral {
-            "Euler ancestral"
-        } else {
-            "Euler"
-        };
+        let name = variant.name();
+        let ancestral = variant == Variant::Ancestral;
         let num_train = schedule::num_train_timesteps(config)?;
         let mut alphas_cumprod = schedule::alphas_cumprod(config, num_train)?;
         if config.rescale_betas_zero_snr.unwrap_or(false) {
@@ -136,7 +149,7 @@ impl Euler {
             timesteps: timesteps.iter().map(|&t| t as f32).collect(),
             init_noise_sigma,
             prediction,
-            ancestral,
+            variant,
             last_step: None,
         })
     }
@@ -167,11 +180,7 @@ impl Scheduler for Euler {
         sample: &[f32],
         rng: &mut TorchGenerator,
     ) -> Result<Vec<f32>> {
-        let name = if self.ancestral {
-            "Euler ancestral"
-        } else {
-            "Euler"
-        };
+        let name = self.variant.name();
         check_step(
             name,
             self.last_step,
@@ -197,7 +206,7 @@ impl Scheduler for Euler {
             PredictionType::Epsilon => s - sigma * m,
             PredictionType::VPrediction => m * v_scale + s / s_scale,
         };
-        let out = if !self.ancestral {
+        let out = if self.variant == Variant::Plain {
             // s_churn = 0 ⇒ γ = 0 and σ̂ = σ.
             let dt = sigma_next - sigma;
             model_output

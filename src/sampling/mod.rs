@@ -189,10 +189,18 @@ pub fn build_scheduler(
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, prediction, steps)?),
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, prediction, steps)?),
-        SchedulerKind::Euler => Box::new(euler::Euler::new(config, prediction, steps, false)?),
-        SchedulerKind::EulerAncestral => {
-            Box::new(euler::Euler::new(config, prediction, steps, true)?)
-        }
+        SchedulerKind::Euler => Box::new(euler::Euler::new(
+            config,
+            prediction,
+            steps,
+            euler::Variant::Plain,
+        )?),
+        SchedulerKind::EulerAncestral => Box::new(euler::Euler::new(
+            config,
+            prediction,
+            steps,
+            euler::Variant::Ancestral,
+        )?),
         SchedulerKind::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(config, prediction, steps, false)?),
         SchedulerKind::DpmPp2mKarras => {
             Box::new(dpmpp::DpmPp2m::new(config, prediction, steps, true)?)

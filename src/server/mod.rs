@@ -27,7 +27,7 @@ use poem::web::Html;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::OpenApiService;
 
-use crate::engine::{Engine, EngineConfig, Loader};
+use crate::engine::{Engine, EngineConfig, ModelLoader};
 use crate::request::schema::{self, SchemaContext};
 use crate::request::Limits;
 use api::{Api, Documented};
@@ -86,7 +86,7 @@ impl Default for ServerConfig {
 }
 
 /// Binds `config.host:config.port` and serves until SIGTERM or SIGINT.
-pub async fn run(config: ServerConfig, load: Loader) -> anyhow::Result<()> {
+pub async fn run(config: ServerConfig, load: ModelLoader) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     serve(config, load, listener, shutdown_signal()).await
@@ -96,7 +96,7 @@ pub async fn run(config: ServerConfig, load: Loader) -> anyhow::Result<()> {
 /// error). In-flight requests get `config.shutdown_timeout` to finish.
 pub async fn serve(
     config: ServerConfig,
-    load: Loader,
+    load: ModelLoader,
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {

@@ -110,7 +110,7 @@ fn component_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
     Err(Error::MissingFile { path: full, what })
 }
 
-/// Where a [`Loader`] reads named tensors from: a safetensors file, or generated weights.
+/// Where a [`WeightScope`] reads named tensors from: a safetensors file, or generated weights.
 pub trait TensorSource: Sync {
     /// Whether the source has a tensor called `name`.
     fn contains(&self, name: &str) -> bool;
@@ -134,15 +134,15 @@ impl TensorSource for SafeTensorsFile {
 
 /// Loads tensors by their checkpoint names under a prefix (`down_blocks.1.attentions.0`),
 /// checks their shapes and uploads them to a backend.
-pub struct Loader<'a, B: Backend> {
+pub struct WeightScope<'a, B: Backend> {
     file: &'a dyn TensorSource,
     backend: &'a B,
     prefix: String,
 }
 
-impl<B: Backend> Clone for Loader<'_, B> {
+impl<B: Backend> Clone for WeightScope<'_, B> {
     fn clone(&self) -> Self {
-        Loader {
+        WeightScope {
             file: self.file,
             backend: self.backend,
             prefix: self.prefix.clone(),
@@ -150,9 +150,9 @@ impl<B: Backend> Clone for Loader<'_, B> {
     }
 }
 
-impl<'a, B: Backend> Loader<'a, B> {
+impl<'a, B: Backend> WeightScope<'a, B> {
     pub fn new(file: &'a dyn TensorSource, backend: &'a B) -> Self {
-        Loader {
+        WeightScope {
             file,
             backend,
             prefix: String::new(),
@@ -166,7 +166,7 @@ impl<'a, B: Backend> Loader<'a, B> {
         } else {
             format!("{}.{name}", self.prefix)
         };
-        Loader {
+        WeightScope {
             file: self.file,
             backend: self.backend,
             prefix,
