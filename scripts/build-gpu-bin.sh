@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds, here, the test binaries that scripts/gpu-check.sh runs on a lent GPU machine (which has
+# Builds, here, the test binaries that scripts/gpu-check.sh runs on a GPU machine (which has
 # no Rust toolchain): `cargo test --release --no-run` with every kernel compiled (nvcc from
 # scripts/install-nvcc.sh unless NVCC is set; SD21_REQUIRE_CUDA=1), then copies each test
 # executable, stripped, into the git-ignored folder .gpu-bin/ with a BUILD.txt saying what was

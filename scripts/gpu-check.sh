@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command run on a lent GPU machine (no Rust there): runs the prebuilt CUDA test binary
+# The one command run on a GPU machine (no Rust there): runs the prebuilt CUDA test binary
 # (every op vs the CPU backend, the tiny pipeline CUDA vs CPU), then, when they passed, the
 # prebuilt sd21-bench (kernel table against the measured ceilings; a full-size SD 2.1 512²
 # pipeline with random weights, side by side with diffusers when a Python with torch + diffusers

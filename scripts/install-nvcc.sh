@@ -3,7 +3,7 @@
 # environment and prints the path of nvcc, ready for `NVCC=$(scripts/install-nvcc.sh)`.
 #
 # All five packages are pinned: an unpinned nvidia-nvvm pulls a newer NVVM whose PTX the 13.0
-# assembler (ptxas) rejects. 13.0 matches the driver (580) on the lent GPU machines.
+# assembler (ptxas) rejects. 13.0 matches the driver (580) on the GPU machines the project tests on.
 #
 # Layout after install: <site-packages>/nvidia/cu13/{bin/nvcc, bin/ptxas, nvvm/, include/, lib/};
 # the five wheels share that one prefix, so nvcc finds cicc (nvvm/bin), the crt headers, the cccl

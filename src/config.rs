@@ -71,10 +71,6 @@ pub struct UnetConfig {
     pub norm_num_groups: usize,
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f32,
-    #[serde(default)]
-    pub use_linear_projection: bool,
-    #[serde(default)]
-    pub upcast_attention: bool,
     #[serde(default = "default_unet_sample_size")]
     pub sample_size: usize,
     #[serde(default)]
@@ -121,6 +117,11 @@ impl UnetConfig {
 
     /// Rejects configurations this implementation does not run, with a clear message.
     pub fn validate(&self) -> Result<()> {
+        if self.center_input_sample {
+            return Err(Error::Config(
+                "unet: center_input_sample = true is not supported".into(),
+            ));
+        }
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::Config(format!(
@@ -222,8 +223,6 @@ pub struct VaeConfig {
     pub shift_factor: Option<f32>,
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
-    #[serde(default = "default_true")]
-    pub use_quant_conv: bool,
     #[serde(default)]
     pub sample_size: Option<usize>,
     #[serde(default)]
@@ -338,17 +337,6 @@ pub struct SchedulerConfig {
     pub lower_order_final: Option<bool>,
     #[serde(default)]
     pub euler_at_final: Option<bool>,
-    #[serde(default)]
-    pub eta: Option<f64>,
-}
-
-/// `model_index.json`: which class each component is.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ModelIndex {
-    #[serde(rename = "_class_name", default)]
-    pub class_name: Option<String>,
-    #[serde(default)]
-    pub scheduler: Option<(Option<String>, Option<String>)>,
 }
 
 fn default_in_channels() -> usize {

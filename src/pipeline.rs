@@ -352,10 +352,12 @@ impl<B: Backend> Pipeline<B> {
     /// round(255 · clamp(x/2 + 0.5, 0, 1)).
     pub fn decode(&self, latents: &HostTensor) -> Result<RgbImage> {
         let b = &self.backend;
+        // diffusers: latents / scaling_factor + shift_factor (the shift only where set).
         let scale = self.vae.config().scaling_factor;
+        let shift = self.vae.config().shift_factor.unwrap_or(0.0);
         let z = HostTensor::new(
             latents.shape.clone(),
-            latents.data.iter().map(|x| x / scale).collect(),
+            latents.data.iter().map(|x| x / scale + shift).collect(),
         )?;
         let image = self.vae.decode(b, &b.upload(&z.nchw_to_nhwc()?)?)?; // [1, H, W, 3]
         let image = b.download(&image)?;

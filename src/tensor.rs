@@ -23,14 +23,6 @@ impl HostTensor {
         Ok(HostTensor { shape, data })
     }
 
-    pub fn zeros(shape: Vec<usize>) -> Self {
-        let numel = shape.iter().product();
-        HostTensor {
-            shape,
-            data: vec![0.0; numel],
-        }
-    }
-
     pub fn numel(&self) -> usize {
         self.data.len()
     }
