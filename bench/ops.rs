@@ -13,7 +13,7 @@ use sd21::random::SeededRng;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum OpCase {
     Conv {
-        b: usize,
+        batch: usize,
         h: usize,
         w: usize,
         cin: usize,
@@ -22,7 +22,7 @@ pub enum OpCase {
         stride: usize,
     },
     GroupNorm {
-        b: usize,
+        batch: usize,
         h: usize,
         w: usize,
         c: usize,
@@ -39,7 +39,7 @@ pub enum OpCase {
         n: usize,
     },
     Attention {
-        b: usize,
+        batch: usize,
         nq: usize,
         nk: usize,
         c: usize,
@@ -50,13 +50,13 @@ pub enum OpCase {
         f: usize,
     },
     Upsample {
-        b: usize,
+        batch: usize,
         h: usize,
         w: usize,
         c: usize,
     },
     Concat {
-        b: usize,
+        batch: usize,
         h: usize,
         w: usize,
         ca: usize,
@@ -77,7 +77,7 @@ impl OpCase {
         let f = |x: usize| x as f64;
         match *self {
             OpCase::Conv {
-                b,
+                batch,
                 h,
                 w,
                 cin,
@@ -86,12 +86,14 @@ impl OpCase {
                 stride,
             } => {
                 let (ho, wo) = conv_out(h, w, k, stride);
-                2.0 * f(b * ho * wo) * f(cout) * f(cin * k * k)
+                2.0 * f(batch * ho * wo) * f(cout) * f(cin * k * k)
             }
             OpCase::Linear { rows, k, n } => 2.0 * f(rows) * f(k) * f(n),
             // QKᵀ and P·V, each 2·Nq·Nk·D per head: 4·B·Nq·Nk·C in all.
-            OpCase::Attention { b, nq, nk, c, .. } => 4.0 * f(b) * f(nq) * f(nk) * f(c),
-            OpCase::GroupNorm { b, h, w, c, .. } => 8.0 * f(b * h * w * c),
+            OpCase::Attention {
+                batch, nq, nk, c, ..
+            } => 4.0 * f(batch) * f(nq) * f(nk) * f(c),
+            OpCase::GroupNorm { batch, h, w, c, .. } => 8.0 * f(batch * h * w * c),
             OpCase::LayerNorm { rows, c } => 8.0 * f(rows * c),
             OpCase::Geglu { rows, f: ff } => 10.0 * f(rows * ff),
             OpCase::Upsample { .. } | OpCase::Concat { .. } => 0.0,
@@ -103,7 +105,7 @@ impl OpCase {
     pub fn bytes(&self, elem: usize) -> f64 {
         let values = match *self {
             OpCase::Conv {
-                b,
+                batch,
                 h,
                 w,
                 cin,
@@ -112,15 +114,23 @@ impl OpCase {
                 stride,
             } => {
                 let (ho, wo) = conv_out(h, w, k, stride);
-                b * h * w * cin + cout * k * k * cin + cout + b * ho * wo * cout
+                batch * h * w * cin + cout * k * k * cin + cout + batch * ho * wo * cout
             }
             OpCase::Linear { rows, k, n } => rows * k + n * k + n + rows * n,
-            OpCase::Attention { b, nq, nk, c, .. } => 2 * b * nq * c + 2 * b * nk * c,
-            OpCase::GroupNorm { b, h, w, c, .. } => 2 * b * h * w * c + 2 * c,
+            OpCase::Attention {
+                batch, nq, nk, c, ..
+            } => 2 * batch * nq * c + 2 * batch * nk * c,
+            OpCase::GroupNorm { batch, h, w, c, .. } => 2 * batch * h * w * c + 2 * c,
             OpCase::LayerNorm { rows, c } => 2 * rows * c + 2 * c,
             OpCase::Geglu { rows, f } => 3 * rows * f,
-            OpCase::Upsample { b, h, w, c } => 5 * b * h * w * c,
-            OpCase::Concat { b, h, w, ca, cb } => 2 * b * h * w * (ca + cb),
+            OpCase::Upsample { batch, h, w, c } => 5 * batch * h * w * c,
+            OpCase::Concat {
+                batch,
+                h,
+                w,
+                ca,
+                cb,
+            } => 2 * batch * h * w * (ca + cb),
         };
         (values * elem) as f64
     }
@@ -134,7 +144,7 @@ impl OpCase {
         };
         Ok(match *self {
             OpCase::Conv {
-                b,
+                batch,
                 h,
                 w,
                 cin,
@@ -142,7 +152,7 @@ impl OpCase {
                 k,
                 ..
             } => vec![
-                tensor(vec![b, h, w, cin], 1.0)?,
+                tensor(vec![batch, h, w, cin], 1.0)?,
                 tensor(vec![cout, k, k, cin], 0.05)?,
                 tensor(vec![cout], 0.1)?,
             ],
@@ -153,14 +163,16 @@ impl OpCase {
                     tensor(vec![n], 0.1)?,
                 ]
             }
-            OpCase::Attention { b, nq, nk, c, .. } => vec![
-                tensor(vec![b, nq, c], 1.0)?,
-                tensor(vec![b, nk, c], 1.0)?,
-                tensor(vec![b, nk, c], 1.0)?,
+            OpCase::Attention {
+                batch, nq, nk, c, ..
+            } => vec![
+                tensor(vec![batch, nq, c], 1.0)?,
+                tensor(vec![batch, nk, c], 1.0)?,
+                tensor(vec![batch, nk, c], 1.0)?,
             ],
-            OpCase::GroupNorm { b, h, w, c, .. } => {
+            OpCase::GroupNorm { batch, h, w, c, .. } => {
                 vec![
-                    tensor(vec![b, h, w, c], 1.0)?,
+                    tensor(vec![batch, h, w, c], 1.0)?,
                     tensor(vec![c], 1.0)?,
                     tensor(vec![c], 0.1)?,
                 ]
@@ -173,10 +185,16 @@ impl OpCase {
                 ]
             }
             OpCase::Geglu { rows, f } => vec![tensor(vec![rows, 2 * f], 1.0)?],
-            OpCase::Upsample { b, h, w, c } => vec![tensor(vec![b, h, w, c], 1.0)?],
-            OpCase::Concat { b, h, w, ca, cb } => vec![
-                tensor(vec![b, h, w, ca], 1.0)?,
-                tensor(vec![b, h, w, cb], 1.0)?,
+            OpCase::Upsample { batch, h, w, c } => vec![tensor(vec![batch, h, w, c], 1.0)?],
+            OpCase::Concat {
+                batch,
+                h,
+                w,
+                ca,
+                cb,
+            } => vec![
+                tensor(vec![batch, h, w, ca], 1.0)?,
+                tensor(vec![batch, h, w, cb], 1.0)?,
             ],
         })
     }
@@ -226,7 +244,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
         add(
             format!("unet conv3x3 {side}x{side}x{c}->{c} b2"),
             OpCase::Conv {
-                b: 2,
+                batch: 2,
                 h: side,
                 w: side,
                 cin: c,
@@ -238,7 +256,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
         add(
             format!("unet groupnorm+silu {side}x{side}x{c}/32 b2"),
             OpCase::GroupNorm {
-                b: 2,
+                batch: 2,
                 h: side,
                 w: side,
                 c,
@@ -250,7 +268,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
             add(
                 format!("unet conv3x3 s2 {side}x{side}x{c} b2"),
                 OpCase::Conv {
-                    b: 2,
+                    batch: 2,
                     h: side,
                     w: side,
                     cin: c,
@@ -262,7 +280,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
             add(
                 format!("unet self-attn {heads}h x {n} x 64 b2"),
                 OpCase::Attention {
-                    b: 2,
+                    batch: 2,
                     nq: n,
                     nk: n,
                     c,
@@ -272,7 +290,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
             add(
                 format!("unet cross-attn {heads}h x {n} x 77 b2"),
                 OpCase::Attention {
-                    b: 2,
+                    batch: 2,
                     nq: n,
                     nk: 77,
                     c,
@@ -327,7 +345,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
     add(
         format!("unet conv1x1 shortcut {0}x{0}x960->640 b2", s / 2),
         OpCase::Conv {
-            b: 2,
+            batch: 2,
             h: s / 2,
             w: s / 2,
             cin: 960,
@@ -339,7 +357,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
     add(
         format!("unet concat {s}x{s}x320+320 b2"),
         OpCase::Concat {
-            b: 2,
+            batch: 2,
             h: s,
             w: s,
             ca: 320,
@@ -349,7 +367,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
     add(
         format!("unet upsample {0}x{0}x640 b2", s / 2),
         OpCase::Upsample {
-            b: 2,
+            batch: 2,
             h: s / 2,
             w: s / 2,
             c: 640,
@@ -360,7 +378,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
         add(
             format!("vae conv3x3 {side}x{side}x{c}->{c}"),
             OpCase::Conv {
-                b: 1,
+                batch: 1,
                 h: side,
                 w: side,
                 cin: c,
@@ -372,7 +390,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
         add(
             format!("vae groupnorm+silu {side}x{side}x{c}/32"),
             OpCase::GroupNorm {
-                b: 1,
+                batch: 1,
                 h: side,
                 w: side,
                 c,
@@ -384,7 +402,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
     add(
         format!("vae attention 1h x {} x 512", s * s),
         OpCase::Attention {
-            b: 1,
+            batch: 1,
             nq: s * s,
             nk: s * s,
             c: 512,
@@ -394,7 +412,7 @@ pub fn sd21_cases(image: usize) -> Vec<Case> {
     add(
         format!("vae upsample {0}x{0}x256", image / 2),
         OpCase::Upsample {
-            b: 1,
+            batch: 1,
             h: image / 2,
             w: image / 2,
             c: 256,
@@ -409,7 +427,7 @@ pub fn smoke_cases() -> Vec<Case> {
         Case {
             name: "conv3x3 16x16x32->32".into(),
             op: OpCase::Conv {
-                b: 2,
+                batch: 2,
                 h: 16,
                 w: 16,
                 cin: 32,
@@ -421,7 +439,7 @@ pub fn smoke_cases() -> Vec<Case> {
         Case {
             name: "groupnorm 16x16x32/8".into(),
             op: OpCase::GroupNorm {
-                b: 2,
+                batch: 2,
                 h: 16,
                 w: 16,
                 c: 32,
@@ -432,7 +450,7 @@ pub fn smoke_cases() -> Vec<Case> {
         Case {
             name: "attention 2h x 256 x 77".into(),
             op: OpCase::Attention {
-                b: 2,
+                batch: 2,
                 nq: 256,
                 nk: 77,
                 c: 32,
@@ -458,7 +476,7 @@ pub fn smoke_cases() -> Vec<Case> {
         Case {
             name: "upsample 8x8x32".into(),
             op: OpCase::Upsample {
-                b: 1,
+                batch: 1,
                 h: 8,
                 w: 8,
                 c: 32,
@@ -467,7 +485,7 @@ pub fn smoke_cases() -> Vec<Case> {
         Case {
             name: "concat 8x8x16+16".into(),
             op: OpCase::Concat {
-                b: 1,
+                batch: 1,
                 h: 8,
                 w: 8,
                 ca: 16,
@@ -518,7 +536,7 @@ mod tests {
     fn flop_formulas() {
         // conv 3×3 64×64×320→320 batch 2: 2·(2·64·64)·320·(320·9)
         let conv = OpCase::Conv {
-            b: 2,
+            batch: 2,
             h: 64,
             w: 64,
             cin: 320,
@@ -529,7 +547,7 @@ mod tests {
         assert_eq!(conv.flops(), 2.0 * 8192.0 * 320.0 * 2880.0);
         // stride 2 halves each side (padding 1): 32×32 outputs
         let down = OpCase::Conv {
-            b: 1,
+            batch: 1,
             h: 64,
             w: 64,
             cin: 8,
@@ -539,7 +557,7 @@ mod tests {
         };
         assert_eq!(down.flops(), 2.0 * 1024.0 * 8.0 * 72.0);
         let odd = OpCase::Conv {
-            b: 1,
+            batch: 1,
             h: 7,
             w: 9,
             cin: 1,
@@ -559,7 +577,7 @@ mod tests {
         );
         // 5 heads × 4096 × 4096 × 64, two matmuls, batch 2
         let attn = OpCase::Attention {
-            b: 2,
+            batch: 2,
             nq: 4096,
             nk: 4096,
             c: 320,
@@ -577,7 +595,7 @@ mod tests {
         };
         assert_eq!(linear.bytes(4), ((30 + 12 + 4 + 40) * 4) as f64);
         let gn = OpCase::GroupNorm {
-            b: 1,
+            batch: 1,
             h: 2,
             w: 2,
             c: 8,
@@ -586,7 +604,7 @@ mod tests {
         };
         assert_eq!(gn.bytes(2), ((64 + 16) * 2) as f64);
         let attn = OpCase::Attention {
-            b: 1,
+            batch: 1,
             nq: 10,
             nk: 77,
             c: 8,
@@ -594,14 +612,14 @@ mod tests {
         };
         assert_eq!(attn.bytes(4), ((2 * 80 + 2 * 616) * 4) as f64);
         let up = OpCase::Upsample {
-            b: 1,
+            batch: 1,
             h: 2,
             w: 2,
             c: 3,
         };
         assert_eq!(up.bytes(4), ((12 + 48) * 4) as f64);
         let conv = OpCase::Conv {
-            b: 1,
+            batch: 1,
             h: 4,
             w: 4,
             cin: 2,
@@ -623,7 +641,7 @@ mod tests {
                 cin: 320,
                 k: 3,
                 stride: 1,
-                b: 2,
+                batch: 2,
                 ..
             }
         )));

@@ -73,7 +73,7 @@ fn softmax(row: &mut [f32]) {
 
 pub(super) fn attention(op: Attention<'_, CpuTensor>) -> Result<CpuTensor> {
     let (q, k, v, heads) = (op.q, op.k, op.v, op.heads);
-    let (b, nq, nk) = (op.batch, op.q_len, op.kv_len);
+    let (batch, nq, nk) = (op.batch, op.q_len, op.kv_len);
     let (d, c) = (op.head_dim, op.heads * op.head_dim);
     let causal = op.mask == Mask::Causal;
     let mut out = vec![0.0f32; op.out_numel()];
@@ -81,7 +81,7 @@ pub(super) fn attention(op: Attention<'_, CpuTensor>) -> Result<CpuTensor> {
         return CpuTensor::new(q.shape.clone(), out);
     }
     let scale = (1.0 / (d as f64).sqrt()) as f32;
-    let block = query_block(b, nq, nk);
+    let block = query_block(batch, nq, nk);
     let (qd, kd, vd) = (q.data(), k.data(), v.data());
 
     let result: Result<()> =

@@ -65,10 +65,10 @@ pub(super) fn add(op: Add<'_, CpuTensor>) -> CpuTensor {
 
 /// `x [B, .., C] + v [B, C]`, broadcast over the middle dimensions.
 pub(super) fn add_per_channel(op: AddPerChannel<'_, CpuTensor>) -> CpuTensor {
-    let (x, v, b, c) = (op.x, op.v, op.batch, op.channels);
+    let (x, v, batch, c) = (op.x, op.v, op.batch, op.channels);
     let mut out = vec![0.0f32; x.numel()];
-    if c > 0 && b > 0 {
-        let rows_per_batch = x.numel() / c / b;
+    if c > 0 && batch > 0 {
+        let rows_per_batch = x.numel() / c / batch;
         out.par_chunks_mut(c)
             .zip(x.data().par_chunks(c))
             .enumerate()

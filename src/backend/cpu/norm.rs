@@ -62,7 +62,7 @@ fn normalize_row(o: &mut [f32], x: &[f32], scale: &[f32], shift: &[f32], silu: b
 
 pub(super) fn group_norm(op: GroupNorm<'_, CpuTensor>) -> Result<CpuTensor> {
     let (x, gamma, beta, groups, eps) = (op.x, op.gamma, op.beta, op.groups, op.eps);
-    let (b, c) = (op.batch, op.channels);
+    let (batch, c) = (op.batch, op.channels);
     let silu = op.activation == Activation::Silu;
     let mut out = vec![0.0f32; x.numel()];
     if x.numel() == 0 {
@@ -76,9 +76,9 @@ pub(super) fn group_norm(op: GroupNorm<'_, CpuTensor>) -> Result<CpuTensor> {
     let count = (s * cg) as f64;
 
     // Per (image, channel) affine coefficients.
-    let mut scale = vec![0.0f32; b * c];
-    let mut shift = vec![0.0f32; b * c];
-    for bi in 0..b {
+    let mut scale = vec![0.0f32; batch * c];
+    let mut shift = vec![0.0f32; batch * c];
+    for bi in 0..batch {
         let img = &x.data()[bi * s * c..][..s * c];
         let mean: Vec<f64> = group_sums(img, c, groups, |_, v| v as f64)
             .into_iter()

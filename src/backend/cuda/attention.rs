@@ -146,10 +146,12 @@ fn attention_with(
 pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<()> {
     let mut random = RandomTensors::new(be, 0x9e37_79b9_7f4a_7c15);
     // (batch, queries, keys, heads, mask)
-    for (b, nq, nk, heads, mask) in [(2, 130, 77, 2, Mask::None), (1, 150, 150, 1, Mask::Causal)] {
-        let q = random.tensor(&[b, nq, heads * 64], 2.0)?;
-        let k = random.tensor(&[b, nk, heads * 64], 1.0)?;
-        let v = random.tensor(&[b, nk, heads * 64], 1.0)?;
+    for (batch, nq, nk, heads, mask) in
+        [(2, 130, 77, 2, Mask::None), (1, 150, 150, 1, Mask::Causal)]
+    {
+        let q = random.tensor(&[batch, nq, heads * 64], 2.0)?;
+        let k = random.tensor(&[batch, nk, heads * 64], 1.0)?;
+        let v = random.tensor(&[batch, nk, heads * 64], 1.0)?;
         let run = |flash| attention_with(be, flash, contract::attention(&q, &k, &v, heads, mask)?);
         let (want, got) = (run(Flash::MmaSync)?, run(Flash::Wgmma)?);
         let what = format!("{nq} queries × {nk} keys (mask: {mask:?})");

@@ -78,9 +78,9 @@ pub(super) fn add_per_channel(
     op: AddPerChannel<'_, CudaTensor>,
 ) -> Result<CudaTensor> {
     const OP: &str = "add_per_channel";
-    let (x, v, b, c) = (op.x, op.v, op.batch, op.channels);
+    let (x, v, batch, c) = (op.x, op.v, op.batch, op.channels);
     let mut out = be.alloc_f16(OP, x.numel())?;
-    let batch_elems = x.numel().checked_div(b).unwrap_or(0);
+    let batch_elems = x.numel().checked_div(batch).unwrap_or(0);
     launch_add_per_channel(be, x, v, &mut out, c, batch_elems)?;
     Ok(CudaTensor::new(x.shape.clone(), out))
 }
@@ -179,13 +179,13 @@ pub(super) fn upsample_nearest(
 ) -> Result<CudaTensor> {
     const OP: &str = "upsample_nearest";
     const K: &str = "upsample_nearest_f16";
-    let (x, b, h, w, c) = (op.x, op.batch, op.in_h, op.in_w, op.channels);
+    let (x, batch, h, w, c) = (op.x, op.batch, op.in_h, op.in_w, op.channels);
     let (out_h, out_w, shape) = (op.out_h, op.out_w, op.out_shape());
     let n = shape.iter().product();
     let mut out = be.alloc_f16(OP, n)?;
     if n > 0 {
         let p = UpsampleParams {
-            batch: to_i32(OP, "batch", b)?,
+            batch: to_i32(OP, "batch", batch)?,
             in_h: to_i32(OP, "H", h)?,
             in_w: to_i32(OP, "W", w)?,
             out_h: to_i32(OP, "out_h", out_h)?,

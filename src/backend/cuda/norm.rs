@@ -18,7 +18,7 @@ const STATS_ELEMS_PER_BLOCK: usize = 16 * 1024;
 pub(super) fn group_norm(be: &CudaBackend, op: GroupNorm<'_, CudaTensor>) -> Result<CudaTensor> {
     const OP: &str = "group_norm";
     let (x, gamma, beta, groups, eps) = (op.x, op.gamma, op.beta, op.groups, op.eps);
-    let (b, c, spatial) = (op.batch, op.channels, op.spatial);
+    let (batch, c, spatial) = (op.batch, op.channels, op.spatial);
     let n = x.numel();
     let mut out = be.alloc_f16(OP, n)?;
     if n == 0 {
@@ -35,7 +35,7 @@ pub(super) fn group_norm(be: &CudaBackend, op: GroupNorm<'_, CudaTensor>) -> Res
     let chunk_len = (STATS_ELEMS_PER_BLOCK / c).clamp(1, spatial);
     let chunks = spatial.div_ceil(chunk_len);
     let p = GroupNormParams {
-        batch: to_i32(OP, "batch", b)?,
+        batch: to_i32(OP, "batch", batch)?,
         spatial: to_i32(OP, "spatial size", spatial)?,
         channels: to_i32(OP, "channels", c)?,
         groups: to_i32(OP, "groups", groups)?,
@@ -44,15 +44,15 @@ pub(super) fn group_norm(be: &CudaBackend, op: GroupNorm<'_, CudaTensor>) -> Res
         eps,
         silu: (op.activation == Activation::Silu) as i32,
     };
-    to_i32(OP, "batch × groups", b.saturating_mul(groups))?;
-    if b > 65535 {
+    to_i32(OP, "batch × groups", batch.saturating_mul(groups))?;
+    if batch > 65535 {
         return Err(Error::too_large(
             OP,
-            format!("batch {b} exceeds the grid limit 65535"),
+            format!("batch {batch} exceeds the grid limit 65535"),
         ));
     }
-    let mut partial = be.alloc_f32(OP, b * groups * chunks * 2)?;
-    let mut stats = be.alloc_f32(OP, b * groups * 2)?;
+    let mut partial = be.alloc_f32(OP, batch * groups * chunks * 2)?;
+    let mut stats = be.alloc_f32(OP, batch * groups * 2)?;
 
     // 1. Partial sums per (batch, group, chunk).
     let k_stats = if vw == 8 {
@@ -63,7 +63,7 @@ pub(super) fn group_norm(be: &CudaBackend, op: GroupNorm<'_, CudaTensor>) -> Res
     let smem = 2 * c * std::mem::size_of::<f32>();
     let f = be.kernels.get_with_smem(k_stats, smem)?;
     let cfg = LaunchConfig {
-        grid_dim: (to_i32(OP, "chunks", chunks)? as u32, b as u32, 1),
+        grid_dim: (to_i32(OP, "chunks", chunks)? as u32, batch as u32, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
@@ -78,7 +78,7 @@ pub(super) fn group_norm(be: &CudaBackend, op: GroupNorm<'_, CudaTensor>) -> Res
 
     // 2. (mean, rstd) per (batch, group): one warp each.
     const K_FIN: &str = "group_norm_finalize";
-    let warps = b * groups;
+    let warps = batch * groups;
     let cfg = LaunchConfig {
         grid_dim: (warps.div_ceil(8) as u32, 1, 1),
         block_dim: (256, 1, 1),
