@@ -291,41 +291,91 @@ pub fn download(repo: &str, revision: &str, dir: &Path, hub: &HubConfig) -> Resu
         source,
     })?;
     if hub.offline {
-        let path = cached_snapshot(repo, revision, &dir).ok_or_else(|| HubError::NotCached {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-            dir: dir.clone(),
-        })?;
-        return Ok(Snapshot {
-            repo: repo.to_string(),
-            commit: file_name(&path),
-            link: link_snapshot(repo, &dir, &path),
-            files: Vec::new(),
-            downloaded: 0,
-            path,
-        });
+        return offline_snapshot(repo, revision, &dir);
     }
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, &dir, "", e))?;
+    let api_repo = hub_repo(hub, repo, revision, &dir)?;
+    let ctx = Context::new(hub, repo, revision, &dir, None);
+    tracing::info!(repo, revision, endpoint = %hub.endpoint, "listing the repository");
+    let info = list_repository(&api_repo, &ctx)?;
+    let listing: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let files = choose_files(repo, &listing)?;
+    let snapshot = repo_cache_dir(&dir, repo).join("snapshots").join(&info.sha);
+    let missing: Vec<&String> = files
+        .iter()
+        .filter(|file| {
+            !snapshot.join(file).is_file() && !reuse_blob(&dir, repo, &snapshot, file, &info)
+        })
+        .collect();
+    if missing.is_empty() {
+        tracing::info!(repo, commit = %info.sha, "already downloaded");
+    }
+    for (i, file) in missing.iter().enumerate() {
+        let ctx = Context::new(hub, repo, revision, &dir, Some(file));
+        let label = format!("[{}/{}] {file}", i + 1, missing.len());
+        fetch_file(&api_repo, &ctx, hub.progress, label, &snapshot, &info.sha)?;
+    }
+    // hf-hub records the ref when it downloads; record it when everything was already there too.
+    if revision != info.sha {
+        record_ref(&dir, repo, revision, &info.sha)?;
+    }
+    ModelFiles::locate(&snapshot)
+        .map_err(|e| ctx.protocol(format!("the downloaded model does not load: {e}")))?;
+    let downloaded = missing.len();
+    Ok(Snapshot {
+        repo: repo.to_string(),
+        commit: info.sha,
+        link: link_snapshot(repo, &dir, &snapshot),
+        files,
+        downloaded,
+        path: snapshot,
+    })
+}
 
+/// The copy of `repo` at `revision` already in `dir` (`HF_HUB_OFFLINE`).
+fn offline_snapshot(repo: &str, revision: &str, dir: &Path) -> Result<Snapshot> {
+    let path = cached_snapshot(repo, revision, dir).ok_or_else(|| HubError::NotCached {
+        repo: repo.to_string(),
+        revision: revision.to_string(),
+        dir: dir.to_path_buf(),
+    })?;
+    Ok(Snapshot {
+        repo: repo.to_string(),
+        commit: file_name(&path),
+        link: link_snapshot(repo, dir, &path),
+        files: Vec::new(),
+        downloaded: 0,
+        path,
+    })
+}
+
+/// hf-hub's handle on `repo` at `revision`, caching into `dir`.
+fn hub_repo(
+    hub: &HubConfig,
+    repo: &str,
+    revision: &str,
+    dir: &Path,
+) -> Result<hf_hub::api::sync::ApiRepo> {
     // Not `ApiBuilder::from_env()`: the weights folder is the cache (HF_HOME's is not used), the
     // endpoint and token come from `hub`, and its default cache panics without a home folder.
-    let api = ApiBuilder::from_cache(Cache::new(dir.clone()))
+    let api = ApiBuilder::from_cache(Cache::new(dir.to_path_buf()))
         .with_endpoint(hub.endpoint.clone())
         .with_token(hub.token.clone())
         .with_retries(RETRIES)
         .with_user_agent("sd21", env!("CARGO_PKG_VERSION"))
         .build()
-        .map_err(|e| classify(e, &Context::new(hub, repo, revision, &dir, None)))?;
-    let api_repo = api.repo(Repo::with_revision(
+        .map_err(|e| classify(e, &Context::new(hub, repo, revision, dir, None)))?;
+    Ok(api.repo(Repo::with_revision(
         repo.to_string(),
         RepoType::Model,
         revision.to_string(),
-    ));
+    )))
+}
 
-    let ctx = Context::new(hub, repo, revision, &dir, None);
-    tracing::info!(repo, revision, endpoint = %hub.endpoint, "listing the repository");
-    // hf-hub's `info()` drops the LFS hashes; `?blobs=true` gives them (see `reuse_blob`).
-    let info: RepoListing = guarded(&ctx, || {
+/// The repository's commit and files. hf-hub's `info()` drops the LFS hashes; `?blobs=true`
+/// gives them (see `reuse_blob`).
+fn list_repository(api_repo: &hf_hub::api::sync::ApiRepo, ctx: &Context) -> Result<RepoListing> {
+    let info: RepoListing = guarded(ctx, || {
         let response = api_repo
             .info_request()
             .query("blobs", "true")
@@ -336,59 +386,44 @@ pub fn download(repo: &str, revision: &str, dir: &Path, hub: &HubConfig) -> Resu
     if check_path_component(&info.sha).is_err() {
         return Err(ctx.protocol(format!("commit id `{}` is not a commit id", info.sha)));
     }
-    let listing: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
-    let files = choose_files(repo, &listing)?;
-    let snapshot = repo_cache_dir(&dir, repo).join("snapshots").join(&info.sha);
+    Ok(info)
+}
 
-    let mut missing: Vec<&String> = Vec::new();
-    for file in &files {
-        if snapshot.join(file).is_file() || reuse_blob(&dir, repo, &snapshot, file, &info) {
-            continue;
-        }
-        missing.push(file);
+/// Downloads `ctx.file` into `snapshot` (commit `commit`), with a progress bar on a terminal
+/// and a log line otherwise (containers, CI).
+fn fetch_file(
+    api_repo: &hf_hub::api::sync::ApiRepo,
+    ctx: &Context,
+    progress: bool,
+    label: String,
+    snapshot: &Path,
+    commit: &str,
+) -> Result<()> {
+    let file = ctx.file.unwrap_or_default();
+    let bars = progress && std::io::stderr().is_terminal();
+    if !bars {
+        tracing::info!("downloading {label}");
     }
-    let downloaded = missing.len();
-    if missing.is_empty() {
-        tracing::info!(repo, commit = %info.sha, "already downloaded");
+    let progress = FileProgress::new(bars, label);
+    let path = guarded(ctx, || api_repo.download_with_progress(file, progress))?;
+    if path != snapshot.join(file) {
+        // The branch moved between the listing and this file: the files would mix commits.
+        return Err(ctx.protocol(format!(
+            "`{file}` came from another commit than {commit} (the repository changed during the \
+             download); run the command again"
+        )));
     }
-    // Bars on a terminal; a log line per file otherwise (containers, CI).
-    let bars = hub.progress && std::io::stderr().is_terminal();
-    for (i, file) in missing.iter().enumerate() {
-        let ctx = Context::new(hub, repo, revision, &dir, Some(file));
-        let label = format!("[{}/{}] {file}", i + 1, missing.len());
-        if !bars {
-            tracing::info!("downloading {label}");
-        }
-        let progress = FileProgress::new(bars, label);
-        let path = guarded(&ctx, || api_repo.download_with_progress(file, progress))?;
-        if path != snapshot.join(file) {
-            // The branch moved between the listing and this file: the files would mix commits.
-            return Err(ctx.protocol(format!(
-                "`{file}` came from another commit than {} (the repository changed during the \
-                 download); run the command again",
-                info.sha
-            )));
-        }
-    }
-    // hf-hub records the ref when it downloads; record it when everything was already there too.
-    if revision != info.sha {
-        let refs = repo_cache_dir(&dir, repo).join("refs").join(revision);
-        let written = refs
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&refs, &info.sha));
-        written.map_err(|e| io_error(&refs, &dir, "", e))?;
-    }
-    ModelFiles::locate(&snapshot)
-        .map_err(|e| ctx.protocol(format!("the downloaded model does not load: {e}")))?;
-    Ok(Snapshot {
-        repo: repo.to_string(),
-        commit: info.sha,
-        link: link_snapshot(repo, &dir, &snapshot),
-        files,
-        downloaded,
-        path: snapshot,
-    })
+    Ok(())
+}
+
+/// Records that `revision` (a branch or tag) is at `commit` in the cache's refs.
+fn record_ref(dir: &Path, repo: &str, revision: &str, commit: &str) -> Result<()> {
+    let refs = repo_cache_dir(dir, repo).join("refs").join(revision);
+    let written = refs
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&refs, commit));
+    written.map_err(|e| io_error(&refs, dir, "", e))
 }
 
 /// The repository listing (`GET /api/models/{repo}/revision/{rev}?blobs=true`), the part sd21

@@ -96,26 +96,7 @@ impl CudaBackend {
     /// not exist, its compute capability is below 8.0, the kernels do not load, or cuBLAS is
     /// missing (`libcublas.so.13` must be on the loader path).
     pub fn new(ordinal: usize) -> Result<CudaBackend> {
-        let count = device_count()?;
-        if ordinal >= count {
-            return Err(Error::Backend(format!(
-                "cuda:{ordinal}: no such device ({count} CUDA device(s) visible)"
-            )));
-        }
-        let ctx = CudaContext::new(ordinal).map_err(driver_error("creating the context"))?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(driver_error("reading the compute capability"))?;
-        if major < 8 {
-            return Err(Error::Backend(format!(
-                "cuda:{ordinal}: compute capability {major}.{minor}; the kernels need 8.0 or newer \
-                 (mma.sync, cp.async)"
-            )));
-        }
-        // SAFETY: every tensor of this backend is used on the single stream created below, so
-        // cudarc's cross-stream event tracking is not needed (and would add an event record and
-        // wait to every launch). It is switched off before the first allocation.
-        unsafe { ctx.disable_event_tracking() };
+        let (ctx, (major, minor)) = open_context(ordinal)?;
         let stream = ctx
             .new_stream()
             .map_err(driver_error("creating a stream"))?;
@@ -123,17 +104,7 @@ impl CudaBackend {
             keep_freed_memory(&ctx)?;
         }
         let kernels = Kernels::load(&ctx, (major, minor))?;
-        // SAFETY: only tries to dlopen cuBLAS by its usual names.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(Error::Backend(
-                "cuBLAS not found: libcublas.so.13 (and libcublasLt.so.13) must be on the loader \
-                 path (LD_LIBRARY_PATH)"
-                    .into(),
-            ));
-        }
-        let blas = CudaBlas::new(stream.clone())
-            .map_err(|e| Error::Backend(format!("creating the cuBLAS handle: {e}")))?;
-        let blas_lt = start_blas_lt(&stream);
+        let (blas, blas_lt) = start_blas(&stream)?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
         let description =
@@ -152,36 +123,42 @@ impl CudaBackend {
             hopper_attention: AtomicBool::new(false),
             description,
         };
-        // The wgmma kernels (sm_90a) only after each matched the portable kernel here
-        // (SD21_WGMMA=0 skips them, e.g. should a check ever fault the GPU context).
+        backend.enable_checked_hopper_kernels(ordinal)?;
+        Ok(backend)
+    }
+
+    /// Switches on each wgmma kernel (sm_90a) that matches its portable kernel here
+    /// (SD21_WGMMA=0 skips them, e.g. should a check ever fault the GPU context) and names the
+    /// active ones in the description. A check that breaks the context is an error.
+    fn enable_checked_hopper_kernels(&mut self, ordinal: usize) -> Result<()> {
         type Check = fn(&CudaBackend) -> Result<()>;
         let hopper: [(&str, &str, Check, &AtomicBool); 2] = [
             (
                 conv::HOPPER_KERNEL,
                 "convolution",
                 conv::hopper_self_check,
-                &backend.hopper_conv,
+                &self.hopper_conv,
             ),
             (
                 attention::HOPPER_KERNEL,
                 "attention",
                 attention::hopper_self_check,
-                &backend.hopper_attention,
+                &self.hopper_attention,
             ),
         ];
         let mut active = Vec::new();
         for (kernel, what, check, flag) in hopper {
-            if !backend.kernels.has(kernel) || crate::env::flag("SD21_WGMMA") == Some(false) {
+            if !self.kernels.has(kernel) || crate::env::flag("SD21_WGMMA") == Some(false) {
                 continue;
             }
-            match check(&backend) {
+            match check(self) {
                 Ok(()) => {
                     flag.store(true, Ordering::Relaxed);
                     active.push(what);
                 }
                 Err(e) => {
                     // A kernel fault is sticky: the context is unusable, say what caused it.
-                    backend.stream.synchronize().map_err(|sync| {
+                    self.stream.synchronize().map_err(|sync| {
                         Error::Backend(format!(
                             "cuda:{ordinal}: the start-up check of the wgmma {what} broke the GPU \
                              context ({e}; {sync}); set SD21_WGMMA=0 to skip the wgmma kernels"
@@ -190,16 +167,16 @@ impl CudaBackend {
                     tracing::warn!(
                         "{}: the wgmma {what} failed its start-up check ({e}); using the \
                          mma.sync kernel",
-                        backend.description
+                        self.description
                     );
                 }
             }
         }
         if !active.is_empty() {
             let list = active.join(" + ");
-            backend.description.push_str(&format!(", wgmma {list}"));
+            self.description.push_str(&format!(", wgmma {list}"));
         }
-        Ok(backend)
+        Ok(())
     }
 
     /// The device's compute capability (major, minor).
@@ -314,6 +291,47 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// A context on device `ordinal` with its compute capability (8.0 or newer), event tracking
+/// off.
+fn open_context(ordinal: usize) -> Result<(Arc<CudaContext>, (i32, i32))> {
+    let count = device_count()?;
+    if ordinal >= count {
+        return Err(Error::Backend(format!(
+            "cuda:{ordinal}: no such device ({count} CUDA device(s) visible)"
+        )));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(driver_error("creating the context"))?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(driver_error("reading the compute capability"))?;
+    if major < 8 {
+        return Err(Error::Backend(format!(
+            "cuda:{ordinal}: compute capability {major}.{minor}; the kernels need 8.0 or newer \
+             (mma.sync, cp.async)"
+        )));
+    }
+    // SAFETY: every tensor of this backend is used on the single stream the backend creates
+    // next, so cudarc's cross-stream event tracking is not needed (and would add an event record
+    // and wait to every launch). It is switched off before the first allocation.
+    unsafe { ctx.disable_event_tracking() };
+    Ok((ctx, (major, minor)))
+}
+
+/// cuBLAS on `stream` (an error when its library is missing), and cuBLASLt where it starts.
+fn start_blas(stream: &Arc<CudaStream>) -> Result<(CudaBlas, Option<CudaBlasLT>)> {
+    // SAFETY: only tries to dlopen cuBLAS by its usual names.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(Error::Backend(
+            "cuBLAS not found: libcublas.so.13 (and libcublasLt.so.13) must be on the loader \
+             path (LD_LIBRARY_PATH)"
+                .into(),
+        ));
+    }
+    let blas = CudaBlas::new(stream.clone())
+        .map_err(|e| Error::Backend(format!("creating the cuBLAS handle: {e}")))?;
+    Ok((blas, start_blas_lt(stream)))
 }
 
 /// cuBLASLt on `stream`, or `None` (logged) when its library is missing or it fails to start:
