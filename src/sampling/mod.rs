@@ -146,12 +146,15 @@ pub trait Scheduler: Send {
     /// then steps − 3 PLMS ones).
     fn timesteps(&self) -> &[f32];
 
-    /// What the initial N(0, 1) latents are multiplied by.
-    fn init_noise_sigma(&self) -> f32;
+    /// What the initial N(0, 1) latents are multiplied by (1 unless the scheduler says).
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
 
     /// Scales the (CFG-duplicated or not) model input at step index i: identity for DDIM, PNDM
-    /// and DPM; division by √(σᵢ²+1) for the Euler family. An index past the end leaves it as is.
-    fn scale_model_input(&self, sample: &mut [f32], step_index: usize);
+    /// and DPM (the default); division by √(σᵢ²+1) for the Euler family. An index past the end
+    /// leaves it as is.
+    fn scale_model_input(&self, _sample: &mut [f32], _step_index: usize) {}
 
     /// One denoising step: the (guided) model output at step index i and the current sample give
     /// the next sample. `rng` is the generator that drew the initial latents; Euler ancestral draws

@@ -255,12 +255,6 @@ impl Scheduler for Pndm {
         &self.timesteps_f32
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, _sample: &mut [f32], _step_index: usize) {}
-
     fn step(
         &mut self,
         model_output: &[f32],
