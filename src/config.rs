@@ -229,6 +229,12 @@ pub struct VaeConfig {
     pub up_block_types: Vec<String>,
 }
 
+/// A model's native image size `(width, height)`: UNet `sample_size` × the VAE's latent factor.
+pub fn native_size(unet: &UnetConfig, vae: &VaeConfig) -> (usize, usize) {
+    let side = unet.sample_size * vae.latent_factor();
+    (side, side)
+}
+
 impl VaeConfig {
     /// How much smaller the latent is than the image: 2^(len(block_out_channels) − 1), as diffusers.
     pub fn latent_factor(&self) -> usize {

@@ -11,9 +11,8 @@ use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
 use sd21::backend::Device;
-use sd21::engine::ModelInfo;
 use sd21::image_io::{save_png, ImageParameters};
-use sd21::pipeline::load_on_device;
+use sd21::pipeline::{load_on_device, ModelConfigs};
 use sd21::request::{self, GenerateRules, Limits};
 use sd21::server::ServerConfig;
 use sd21::weights::hub::{self, HubConfig};
@@ -237,10 +236,9 @@ fn resolve_model(model: &str, revision: &str, weights_dir: &Path) -> Result<Path
 fn generate(args: GenerateArgs) -> Result<()> {
     let model_dir = resolve_model(&args.model, &args.revision, &args.weights_dir)?;
     let files = ModelFiles::locate(&model_dir)?;
-    let pipeline = load_on_device(&files, args.device)
-        .with_context(|| format!("loading {} on {}", model_dir.display(), args.device))?;
-    let model = ModelInfo::of(pipeline.as_ref());
-    // The same request the server would build from these fields: its rules and defaults.
+    // The same request the server would build from these fields (its rules and defaults),
+    // checked against the model's configs before any weight is loaded.
+    let model = ModelConfigs::read(&files)?.model_info(files.model_name(), args.device.to_string());
     let fields = json!({
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -257,6 +255,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .parse(fields, &model, || u64::from(rand::random::<u32>()))
         .map_err(|e| anyhow::anyhow!("--{}: {e}", e.field().replace('_', "-")))?
         .request;
+    let pipeline = load_on_device(&files, args.device)
+        .with_context(|| format!("loading {} on {}", model_dir.display(), args.device))?;
     let (seed, scheduler) = (request.seed, request.scheduler);
     eprintln!(
         "seed {seed}, {}×{}, {} steps, {}, cfg {}, on {}",

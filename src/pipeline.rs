@@ -5,6 +5,7 @@
 use crate::backend::cuda::{CudaBackend, RecordingId};
 use crate::backend::{Backend, Device, OpenedBackend, RecordedFn};
 use crate::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
+use crate::engine::ModelInfo;
 use crate::image_io::RgbImage;
 use crate::model::{ClipTextModel, Unet, VaeDecoder};
 use crate::sampling::rng::TorchGenerator;
@@ -58,6 +59,30 @@ pub struct ModelConfigs {
     pub scheduler: SchedulerConfig,
 }
 
+impl ModelConfigs {
+    /// The configs of a diffusers-layout model folder (no weights are read).
+    pub fn read(files: &ModelFiles) -> Result<Self> {
+        Ok(ModelConfigs {
+            unet: config::read_json(&files.unet_config)?,
+            vae: config::read_json(&files.vae_config)?,
+            text_encoder: config::read_json(&files.text_encoder_config)?,
+            scheduler: config::read_json(&files.scheduler_config)?,
+        })
+    }
+
+    /// What a request is checked against, before any weight is loaded.
+    pub fn model_info(&self, name: String, device: String) -> ModelInfo {
+        ModelInfo {
+            name,
+            device,
+            native_size: config::native_size(&self.unet, &self.vae),
+            latent_factor: self.vae.latent_factor(),
+            default_scheduler: SchedulerKind::from_config(&self.scheduler)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// Where each component's tensors come from.
 #[derive(Clone, Copy)]
 pub struct ComponentSources<'a> {
@@ -94,12 +119,7 @@ pub struct Pipeline<B: Backend> {
 impl<B: Backend> Pipeline<B> {
     /// Loads every component of a diffusers-layout model folder onto `backend`.
     pub fn load(files: &ModelFiles, backend: B) -> Result<Self> {
-        let configs = ModelConfigs {
-            unet: config::read_json(&files.unet_config)?,
-            vae: config::read_json(&files.vae_config)?,
-            text_encoder: config::read_json(&files.text_encoder_config)?,
-            scheduler: config::read_json(&files.scheduler_config)?,
-        };
+        let configs = ModelConfigs::read(files)?;
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
         tracing::info!(path = %files.text_encoder_weights.display(), "loading text encoder");
         let text_encoder = SafeTensorsFile::open(&files.text_encoder_weights)?;
@@ -206,8 +226,7 @@ impl<B: Backend> Pipeline<B> {
 
     /// The model's native image size `(width, height)`: UNet `sample_size` × latent factor.
     pub fn native_size(&self) -> (usize, usize) {
-        let side = self.unet.config().sample_size * self.latent_factor();
-        (side, side)
+        config::native_size(self.unet.config(), self.vae.config())
     }
 
     /// The scheduler named in the model's `scheduler_config.json`.
