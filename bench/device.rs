@@ -3,9 +3,12 @@
 
 use anyhow::Result;
 use sd21::backend::cpu::CpuBackend;
+#[cfg(sd21_kernels)]
 use sd21::backend::cuda::CudaBackend;
 use sd21::backend::Backend;
-use sd21::pipeline::{cuda_graphs, UnetRecorder};
+#[cfg(sd21_kernels)]
+use sd21::pipeline::cuda_graphs;
+use sd21::pipeline::UnetRecorder;
 
 pub trait BenchDevice: Backend + Sized {
     /// Waits for all work queued on the device.
@@ -30,6 +33,7 @@ impl BenchDevice for CpuBackend {
     }
 }
 
+#[cfg(sd21_kernels)]
 impl BenchDevice for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(CudaBackend::synchronize(self)?)

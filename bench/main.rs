@@ -16,7 +16,7 @@ use serde_json::json;
 use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::CudaBackend;
 
-use kernels::{kernels, Alternative};
+use kernels::kernels;
 use pipeline::{pipeline, print_comparison, torch_reference, PipelineOpts};
 
 #[derive(Parser)]
@@ -107,24 +107,10 @@ fn main() -> Result<()> {
             json,
         } => match device {
             DeviceArg::Cpu => kernels(&CpuBackend::new(), 4, shapes, repeats, json, None),
-            DeviceArg::Cuda => {
-                let backend = CudaBackend::new(0)?;
-                // On Hopper the convolutions and head-dim-64 attention run wgmma kernels; time
-                // the portable mma.sync ones too.
-                let (conv, attention) = (
-                    backend.hopper_conv_active(),
-                    backend.hopper_attention_active(),
-                );
-                let portable = |on: bool| {
-                    backend.set_hopper_conv(conv && !on);
-                    backend.set_hopper_attention(attention && !on);
-                };
-                let alternative = (conv || attention).then_some(Alternative {
-                    label: "mma.sync",
-                    switch: &portable,
-                });
-                kernels(&backend, 2, shapes, repeats, json, alternative)
-            }
+            #[cfg(sd21_kernels)]
+            DeviceArg::Cuda => cuda_kernels(shapes, repeats, json),
+            #[cfg(not(sd21_kernels))]
+            DeviceArg::Cuda => Err(no_kernels()),
         },
         BenchCommand::Pipeline {
             device,
@@ -150,7 +136,10 @@ fn main() -> Result<()> {
             };
             let ours = match device {
                 DeviceArg::Cpu => pipeline(CpuBackend::new(), &opts)?,
+                #[cfg(sd21_kernels)]
                 DeviceArg::Cuda => pipeline(CudaBackend::new(0)?, &opts)?,
+                #[cfg(not(sd21_kernels))]
+                DeviceArg::Cuda => return Err(no_kernels()),
             };
             let mut report = json!({ "sd21": ours });
             if compare_torch {
@@ -164,5 +153,35 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `kernels` on CUDA device 0. On Hopper the convolutions and head-dim-64 attention run wgmma
+/// kernels; the portable mma.sync ones are timed too.
+#[cfg(sd21_kernels)]
+fn cuda_kernels(shapes: ShapeSet, repeats: usize, json: Option<PathBuf>) -> Result<()> {
+    use kernels::Alternative;
+    let backend = CudaBackend::new(0)?;
+    let (conv, attention) = (
+        backend.hopper_conv_active(),
+        backend.hopper_attention_active(),
+    );
+    let portable = |on: bool| {
+        backend.set_hopper_conv(conv && !on);
+        backend.set_hopper_attention(attention && !on);
+    };
+    let alternative = (conv || attention).then_some(Alternative {
+        label: "mma.sync",
+        switch: &portable,
+    });
+    kernels(&backend, 2, shapes, repeats, json, alternative)
+}
+
+/// Why a build without kernels has no CUDA backend.
+#[cfg(not(sd21_kernels))]
+fn no_kernels() -> anyhow::Error {
+    match CudaBackend::new(0) {
+        Err(e) => e.into(),
+        Ok(_) => anyhow::anyhow!("this build has no CUDA kernels"),
     }
 }

@@ -230,12 +230,6 @@ impl CudaBackend {
         linear::linear_bias_epilogue(self, &op, bias)?.map_err(Error::Backend)
     }
 
-    /// How many linear layers so far ran GemmEx + the bias kernel because the cuBLASLt bias
-    /// epilogue was unavailable for their shape.
-    pub fn bias_epilogue_fallbacks(&self) -> usize {
-        self.bias_epilogue_fallbacks.load(Ordering::Relaxed)
-    }
-
     /// Counts a fallback from the bias epilogue; the first one is logged with its reason.
     pub(super) fn note_bias_epilogue_fallback(&self, why: &str) {
         if self.bias_epilogue_fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {

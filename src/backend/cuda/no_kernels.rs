@@ -39,66 +39,6 @@ impl CudaBackend {
         )))
     }
 
-    /// See the real backend: poison fresh outputs and synchronise after every launch.
-    pub fn set_debug_checks(&self, _on: bool) {
-        match self.never {}
-    }
-
-    /// See the real backend: a linear layer through cuBLASLt's bias epilogue only.
-    pub fn linear_bias_epilogue(
-        &self,
-        _: &CudaTensor,
-        _: &CudaTensor,
-        _: &CudaTensor,
-    ) -> Result<CudaTensor> {
-        match self.never {}
-    }
-
-    /// See the real backend: the device's compute capability.
-    pub fn compute_capability(&self) -> (i32, i32) {
-        match self.never {}
-    }
-
-    /// See the real backend: whether convolutions run the wgmma kernel.
-    pub fn hopper_conv_active(&self) -> bool {
-        match self.never {}
-    }
-
-    /// See the real backend: selects the wgmma or the portable convolution.
-    pub fn set_hopper_conv(&self, _on: bool) {
-        match self.never {}
-    }
-
-    /// See the real backend: whether head-dim-64 attention runs the wgmma kernel.
-    pub fn hopper_attention_active(&self) -> bool {
-        match self.never {}
-    }
-
-    /// See the real backend: selects the wgmma or the mma.sync flash attention.
-    pub fn set_hopper_attention(&self, _on: bool) {
-        match self.never {}
-    }
-
-    /// See the real backend: launches of recorded CUDA graphs.
-    pub fn graph_replays(&self) -> usize {
-        match self.never {}
-    }
-
-    /// See the real backend: linear layers that fell back from the bias epilogue.
-    pub fn bias_epilogue_fallbacks(&self) -> usize {
-        match self.never {}
-    }
-
-    /// See the real backend: a device-to-device copy.
-    pub fn copy(&self, _: &CudaTensor) -> Result<CudaTensor> {
-        match self.never {}
-    }
-
-    /// See the real backend: waits for the stream.
-    pub fn synchronize(&self) -> Result<()> {
-        match self.never {}
-    }
-
     /// See the real backend: `f(inputs)`, possibly recorded as a CUDA graph.
     pub fn run_recorded(
         &self,
