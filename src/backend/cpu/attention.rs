@@ -40,7 +40,7 @@ fn query_block(batch: usize, nq: usize, nk: usize) -> usize {
 /// In-place softmax of one row in f32. NaN anywhere makes the row NaN (as in PyTorch).
 /// Three plain passes (max, exp, normalise) with 8 independent lanes in the reductions, so that
 /// every pass vectorises; compiled also for AVX2 and AVX-512 and picked at run time (the same
-/// arithmetic in the same order, so the same bits, 1.25× faster self-attention on AVX-512).
+/// arithmetic in the same order, so the same bits).
 #[multiversion(targets = "simd")]
 fn softmax(row: &mut [f32]) {
     const L: usize = 8;

@@ -2,9 +2,8 @@
 //!
 //! Every op allocates its output (tens to hundreds of MB at 512²) and frees its inputs. glibc
 //! serves blocks over 128 KiB with `mmap` and unmaps them on `free`, so each op paid one page
-//! fault per 4 KiB of output, zero-filled by the kernel. Measured with `sd21-bench kernels` on a
-//! 2-core VM: with `mmap` off and trimming raised (freed blocks reused), the 256 MiB copy went
-//! from 5 to 20 GB/s and the UNet's widest linear layer (ff.proj at 64×64) from 250 to 102 ms.
+//! fault per 4 KiB of output, zero-filled by the kernel; with `mmap` off and trimming raised,
+//! freed blocks are reused instead (`sd21-bench kernels` measures the difference).
 
 /// Turns off glibc's `mmap` for large blocks and its trimming of the heap (below 2 GiB free), so
 /// freed buffers are reused instead of returned to the kernel. Call once, at the start of `main`,
