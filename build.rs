@@ -14,7 +14,11 @@
 //! - Not found (or found but libclang missing): the crate still builds, without `sd21_kernels`; the
 //!   CUDA backend then refuses to start and says why (`SD21_KERNELS_MISSING`). With
 //!   `SD21_REQUIRE_CUDA=1` that is a build error instead (CI sets it). A kernel that fails to
-//!   compile is always a build error.
+//!   compile is always a build error, and so is a Hopper kernel whose ptxas report shows wgmma
+//!   serialized or a register spill (`kernels/ptxas.rs`).
+
+#[path = "kernels/ptxas.rs"]
+mod ptxas;
 
 use std::env;
 use std::fmt::Write as _;
@@ -112,6 +116,16 @@ fn main() {
             + &String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             panic!("nvcc failed on {}:\n{cmd:?}\n{log}", cu.display());
+        }
+        if stem.ends_with("_sm90a") {
+            let problems = ptxas::hopper_problems(&log);
+            if !problems.is_empty() {
+                panic!(
+                    "{}: ptxas reports what a Hopper kernel must not have:\n{}\n\n{log}",
+                    cu.display(),
+                    problems.join("\n")
+                );
+            }
         }
         let _ = writeln!(usage, "== {} ==\n{log}", cu.display());
         total_bytes += fs::metadata(&fatbin).map(|m| m.len()).unwrap_or(0);

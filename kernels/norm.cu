@@ -81,15 +81,19 @@ __device__ void group_norm_stats(const __half *__restrict__ x, float *__restrict
     }
 }
 
+// The statistics kernels run with up to 1024 threads (one per vector of a row, see norm.rs):
+// declared, so the compiler never assumes the default 256 when it allocates registers.
+#define GN_STATS_MAX_THREADS 1024
+
 // Partial (sum, sumsq) of x − shift per (batch, group, chunk) → partial[B, G, chunks, 2].
 // Needs C % 8 == 0. Dynamic shared memory: 2·C floats.
-extern "C" __global__ void group_norm_stats_v8(const __half *__restrict__ x,
+extern "C" __global__ void __launch_bounds__(GN_STATS_MAX_THREADS) group_norm_stats_v8(const __half *__restrict__ x,
                                                float *__restrict__ partial, GroupNormParams p) {
     group_norm_stats<8>(x, partial, p);
 }
 
 // Same for any C. Dynamic shared memory: 2·C floats.
-extern "C" __global__ void group_norm_stats_v1(const __half *__restrict__ x,
+extern "C" __global__ void __launch_bounds__(GN_STATS_MAX_THREADS) group_norm_stats_v1(const __half *__restrict__ x,
                                                float *__restrict__ partial, GroupNormParams p) {
     group_norm_stats<1>(x, partial, p);
 }

@@ -33,9 +33,10 @@ impl CudaTensor {
         }
     }
 
-    /// Number of elements (the shape was checked when the tensor was made).
+    /// Number of elements (the shape was checked when the tensor was made). An empty tensor
+    /// holds a one-element buffer (nothing allocates 0 bytes), so this is the shape's product.
     pub fn numel(&self) -> usize {
-        self.data.len()
+        self.shape.iter().product()
     }
 }
 
@@ -255,11 +256,10 @@ impl CudaBackend {
 
     /// A fresh f16 buffer of `n` elements for the output of `op` (NaN-filled in debug mode).
     pub(super) fn alloc_f16(&self, op: &'static str, n: usize) -> Result<CudaSlice<f16>> {
-        if n == 0 {
-            return self.stream.null().map_err(alloc_error(op, 0));
-        }
+        let n = tensor_buffer_len(n);
         // SAFETY: the memory is uninitialised; every caller launches a kernel that writes all `n`
-        // elements before the tensor is handed out (debug mode checks this by poisoning first).
+        // elements before the tensor is handed out (debug mode checks this by poisoning first),
+        // or the tensor is empty and its one element is never read.
         let mut out = unsafe { self.stream.alloc::<f16>(n) }.map_err(alloc_error(op, n * 2))?;
         if self.debug_checks() {
             elementwise::fill_u16(self, &mut out, 0xFFFF)?;
@@ -267,13 +267,24 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// A scratch f32 buffer (never handed out; written by the kernel that needs it).
+    /// A scratch f32 buffer (never handed out; written by the kernel that needs it). Asking for
+    /// none is a bug (callers size scratch only for work that exists).
     pub(super) fn alloc_f32(&self, op: &'static str, n: usize) -> Result<CudaSlice<f32>> {
-        if n == 0 {
-            return self.stream.null().map_err(alloc_error(op, 0));
-        }
+        let n = scratch_len(op, n)?;
         // SAFETY: scratch space; the caller's first kernel writes every element it later reads.
         unsafe { self.stream.alloc::<f32>(n) }.map_err(alloc_error(op, n * 4))
+    }
+
+    /// After each op (its temporaries freed): in debug mode, synchronise so that an error parked
+    /// by the op, its kernels or its frees names the op, not a later one.
+    fn op_done(&self, op: &'static str, out: Result<CudaTensor>) -> Result<CudaTensor> {
+        let out = out?;
+        if self.debug_checks() {
+            self.stream.synchronize().map_err(|e| {
+                Error::Backend(format!("{op}: the device reported an error after it: {e}"))
+            })?;
+        }
+        Ok(out)
     }
 
     /// After each launch: in debug mode, synchronise so that a fault names its kernel.
@@ -383,6 +394,25 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
     .map_err(driver_error("setting the memory pool's release threshold"))
 }
 
+/// Elements to allocate for a tensor of `n`: never 0. An empty tensor holds one unused element:
+/// a 0-byte cuMemAllocAsync is undocumented, and a failed free of one would park an error that
+/// a later, unrelated op reports.
+fn tensor_buffer_len(n: usize) -> usize {
+    n.max(1)
+}
+
+/// Elements to allocate for `n` elements of scratch: asking for none is a bug (callers size
+/// scratch only for work that exists).
+fn scratch_len(op: &'static str, n: usize) -> Result<usize> {
+    if n == 0 {
+        return Err(Error::shape(
+            op,
+            "a zero-length scratch buffer was asked for",
+        ));
+    }
+    Ok(n)
+}
+
 fn alloc_error(
     op: &'static str,
     bytes: usize,
@@ -438,7 +468,7 @@ impl Compute for CudaBackend {
     }
 
     fn upload(&self, host: &HostTensor) -> Result<CudaTensor> {
-        transfer::upload(self, host)
+        self.op_done("upload", transfer::upload(self, host))
     }
 
     fn download(&self, t: &CudaTensor) -> Result<HostTensor> {
@@ -453,57 +483,72 @@ impl Compute for CudaBackend {
     }
 
     fn linear(&self, op: contract::Linear<'_, CudaTensor>) -> Result<CudaTensor> {
-        linear::linear(self, op)
+        self.op_done("linear", linear::linear(self, op))
     }
 
     fn conv2d(&self, op: contract::Conv2d<'_, CudaTensor>) -> Result<CudaTensor> {
-        conv::conv2d(self, op)
+        self.op_done("conv2d", conv::conv2d(self, op))
     }
 
     fn group_norm(&self, op: contract::GroupNorm<'_, CudaTensor>) -> Result<CudaTensor> {
-        norm::group_norm(self, op)
+        self.op_done("group_norm", norm::group_norm(self, op))
     }
 
     fn layer_norm(&self, op: contract::LayerNorm<'_, CudaTensor>) -> Result<CudaTensor> {
-        norm::layer_norm(self, op)
+        self.op_done("layer_norm", norm::layer_norm(self, op))
     }
 
     fn attention(&self, op: contract::Attention<'_, CudaTensor>) -> Result<CudaTensor> {
-        attention::attention(self, op)
+        self.op_done("attention", attention::attention(self, op))
     }
 
     fn geglu(&self, op: contract::Geglu<'_, CudaTensor>) -> Result<CudaTensor> {
-        elementwise::geglu(self, op)
+        self.op_done("geglu", elementwise::geglu(self, op))
     }
 
     fn gelu(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        elementwise::unary(self, "gelu_f16", x)
+        self.op_done("gelu", elementwise::unary(self, "gelu_f16", x))
     }
 
     fn silu(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        elementwise::unary(self, "silu_f16", x)
+        self.op_done("silu", elementwise::unary(self, "silu_f16", x))
     }
 
     fn add(&self, op: contract::Add<'_, CudaTensor>) -> Result<CudaTensor> {
-        elementwise::add(self, op)
+        self.op_done("add", elementwise::add(self, op))
     }
 
     fn add_per_channel(&self, op: contract::AddPerChannel<'_, CudaTensor>) -> Result<CudaTensor> {
-        elementwise::add_per_channel(self, op)
+        self.op_done("add_per_channel", elementwise::add_per_channel(self, op))
     }
 
     fn upsample_nearest(
         &self,
         op: contract::UpsampleNearest<'_, CudaTensor>,
     ) -> Result<CudaTensor> {
-        elementwise::upsample_nearest(self, op)
+        self.op_done("upsample_nearest", elementwise::upsample_nearest(self, op))
     }
 
     fn concat_channels(&self, op: contract::ConcatChannels<'_, CudaTensor>) -> Result<CudaTensor> {
-        elementwise::concat_channels(self, op)
+        self.op_done("concat_channels", elementwise::concat_channels(self, op))
     }
 
     fn embedding(&self, op: contract::Embedding<'_, CudaTensor>) -> Result<CudaTensor> {
-        elementwise::embedding(self, op)
+        self.op_done("embedding", elementwise::embedding(self, op))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{scratch_len, tensor_buffer_len};
+
+    #[test]
+    fn nothing_allocates_zero_bytes() {
+        assert_eq!(tensor_buffer_len(0), 1, "an empty tensor holds one element");
+        assert_eq!(tensor_buffer_len(7), 7);
+        let err = scratch_len("conv2d", 0).unwrap_err();
+        assert_eq!(err.fault(), crate::error::Fault::Bug, "{err}");
+        assert!(err.to_string().contains("conv2d"), "{err}");
+        assert_eq!(scratch_len("conv2d", 3).ok(), Some(3));
     }
 }

@@ -140,7 +140,8 @@ fn implicit_gemm(
         k_tiles_per_split: per_split as i32,
         ..p
     };
-    let partial_len = if splits > 1 { splits * n } else { 0 };
+    // Without split-K the kernel never touches `partial`; one element keeps it a real buffer.
+    let partial_len = if splits > 1 { splits * n } else { 1 };
     let mut partial = be.alloc_f32(OP, partial_len)?;
     let cfg = LaunchConfig {
         grid_dim: (grid_m as u32, grid_n as u32, splits as u32),
