@@ -10,7 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
-use sd21::backend::Device;
+use sd21::backend::cpu::CpuBackend;
+use sd21::backend::cuda::CudaBackend;
+use sd21::backend::{selftest, Device};
 use sd21::image_io::{save_png, ImageParameters};
 use sd21::pipeline::{load_on_device, ModelConfigs};
 use sd21::request::{self, GenerateRules, Limits};
@@ -37,6 +39,16 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the HTTP API (POST /generate/, /docs, /health, /ready, /metrics).
     Serve(ServeArgs),
+    /// Run every op once on a device against the CPU backend and print the table (exit 0 only
+    /// when all pass); `sd21 serve` and `sd21 generate` run the same test before using a GPU.
+    Selftest(SelftestArgs),
+}
+
+#[derive(clap::Args)]
+struct SelftestArgs {
+    /// cuda or cuda:N (cpu checks the reference against itself).
+    #[arg(long, default_value = "cuda")]
+    device: Device,
 }
 
 #[derive(clap::Args)]
@@ -169,6 +181,23 @@ fn main() -> Result<()> {
         Command::Download(args) => download(args),
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
+        Command::Selftest(args) => selftest(args),
+    }
+}
+
+fn selftest(args: SelftestArgs) -> Result<()> {
+    let report = match args.device.resolve() {
+        Device::Cuda(ordinal) => {
+            let backend = CudaBackend::new(ordinal)
+                .with_context(|| format!("no CUDA device to test ({})", args.device))?;
+            selftest::run(&backend)
+        }
+        Device::Auto | Device::Cpu => selftest::run(&CpuBackend::new()),
+    };
+    print!("{}", report.table());
+    match report.first_failure() {
+        None => Ok(()),
+        Some(failure) => anyhow::bail!("the self-test failed: {failure}"),
     }
 }
 

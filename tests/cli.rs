@@ -1,4 +1,4 @@
-//! The `sd21 generate` command end to end on the tiny fixture model.
+//! The `sd21 generate` and `sd21 selftest` commands end to end (the tiny fixture model for generate).
 
 mod common;
 
@@ -198,4 +198,37 @@ fn device_cuda_is_a_clear_error_without_a_gpu_and_matches_the_cpu_with_one() {
         .sum::<f64>()
         / a.len() as f64;
     assert!(mean <= 2.0, "mean |cpu - cuda| = {mean}/255");
+}
+
+#[test]
+fn selftest_prints_its_table_and_says_plainly_when_there_is_no_gpu() {
+    let cpu = sd21()
+        .args(["selftest", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&cpu.stdout);
+    assert!(cpu.status.success(), "{table}");
+    for column in ["op", "shape", "rel L2", "tolerance", "result", "time ms"] {
+        assert!(table.contains(column), "{column}: {table}");
+    }
+    assert!(
+        table.contains("attention causal") && table.contains("all passed"),
+        "{table}"
+    );
+
+    let cuda = sd21()
+        .args(["selftest", "--device", "cuda"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cuda.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if sd21::backend::cuda::cuda_available() {
+        let table = String::from_utf8_lossy(&cuda.stdout);
+        assert!(cuda.status.success(), "{table}\n{stderr}");
+        assert!(table.contains("all passed"), "{table}");
+    } else {
+        assert!(!cuda.status.success(), "no GPU is a failure: {stderr}");
+        assert!(stderr.contains("no CUDA device to test"), "{stderr}");
+        eprintln!("skipped the CUDA self-test: no CUDA device");
+    }
 }

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use super::cpu::CpuBackend;
 use super::cuda::CudaBackend;
+use super::{selftest, Backend};
 use crate::{Error, Result};
 
 /// A started backend, as [`Device::open`] chose it.
@@ -38,21 +39,50 @@ impl Device {
         }
     }
 
-    /// Starts the backend for this choice (`auto` resolved by [`Device::resolve`]). Under `auto`,
-    /// a GPU that is present but cannot be started (e.g. cuBLAS missing) is logged and the CPU
-    /// is used; an explicit `cuda[:N]` that cannot be started is an error.
+    /// Starts the backend for this choice (`auto` resolved by [`Device::resolve`]) and, for a
+    /// GPU, runs the self-test ([`selftest`]) before anything uses it. Under `auto`, a GPU that
+    /// is present but cannot be started (e.g. cuBLAS missing) or fails its self-test is logged
+    /// and the CPU is used; an explicit `cuda[:N]` that cannot is an error.
     pub fn open(self) -> Result<OpenedBackend> {
         let Device::Cuda(ordinal) = self.resolve() else {
             return Ok(OpenedBackend::Cpu(CpuBackend::new()));
         };
-        match CudaBackend::new(ordinal) {
-            Ok(backend) => Ok(OpenedBackend::Cuda(Box::new(backend))),
+        let started = match CudaBackend::new(ordinal) {
+            Ok(backend) => self.accept_after_selftest(backend)?,
             Err(err) if self == Device::Auto => {
                 tracing::warn!(%err, "a GPU is present but CUDA could not start; using the CPU");
-                Ok(OpenedBackend::Cpu(CpuBackend::new()))
+                None
             }
-            Err(err) => Err(err),
+            Err(err) => return Err(err),
+        };
+        Ok(match started {
+            Some(backend) => OpenedBackend::Cuda(Box::new(backend)),
+            None => OpenedBackend::Cpu(CpuBackend::new()),
+        })
+    }
+
+    /// `backend` when it passes the self-test; otherwise `None` under `auto` (the CPU is used,
+    /// with a warning naming the op) and an error with the whole table when it was asked for.
+    fn accept_after_selftest<B: Backend>(self, backend: B) -> Result<Option<B>> {
+        let report = selftest::run(&backend);
+        if report.passed() {
+            tracing::info!(device = %report.device, cases = report.cases.len(), "self-test passed");
+            return Ok(Some(backend));
         }
+        let failure = report.first_failure().unwrap_or_default();
+        if self == Device::Auto {
+            tracing::warn!(
+                device = %report.device,
+                %failure,
+                "the GPU failed its self-test; using the CPU"
+            );
+            return Ok(None);
+        }
+        Err(Error::Backend(format!(
+            "{}: the self-test failed ({failure}), so the GPU is not used:\n{}",
+            report.device,
+            report.table()
+        )))
     }
 }
 
@@ -105,6 +135,27 @@ mod tests {
         for d in [Device::Auto, Device::Cpu, Device::Cuda(2)] {
             assert_eq!(d.to_string().parse::<Device>().unwrap(), d);
         }
+    }
+
+    #[test]
+    fn a_gpu_failing_its_self_test_is_not_used() {
+        use crate::backend::selftest::tests::WrongSilu;
+        let wrong = || WrongSilu(CpuBackend::new());
+        assert!(matches!(
+            Device::Auto.accept_after_selftest(wrong()),
+            Ok(None)
+        ));
+        let err = Device::Cuda(0)
+            .accept_after_selftest(wrong())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("self-test failed (silu"), "{err}");
+        assert!(err.contains("FAIL"), "the table is in the error: {err}");
+        assert!(matches!(
+            Device::Cuda(0).accept_after_selftest(CpuBackend::new()),
+            Ok(Some(_))
+        ));
     }
 
     #[test]

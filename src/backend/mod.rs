@@ -9,6 +9,7 @@ pub mod contract;
 pub mod cpu;
 pub mod cuda;
 mod device;
+pub mod selftest;
 
 pub use contract::{Activation, Mask, Tensor};
 pub use device::{Device, OpenedBackend};
