@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::oneshot;
 
 use crate::error::Fault;
@@ -76,6 +76,9 @@ pub struct EngineMetrics {
     pub step_seconds: Histogram,
     /// `sd21_jobs_total{outcome}`: finished jobs by outcome (ok, cancelled, deadline, …).
     pub jobs: IntCounterVec,
+    /// `sd21_vae_f32_decodes_total`: images whose device VAE decode overflowed and was redone in
+    /// f32.
+    pub vae_f32_decodes: IntCounter,
 }
 
 impl EngineMetrics {
@@ -97,6 +100,10 @@ impl EngineMetrics {
                 Opts::new("sd21_jobs_total", "Finished generation jobs by outcome"),
                 &["outcome"],
             )?,
+            vae_f32_decodes: IntCounter::new(
+                "sd21_vae_f32_decodes_total",
+                "Images whose VAE decode overflowed on the device and was redone in f32",
+            )?,
         })
     }
 
@@ -104,7 +111,8 @@ impl EngineMetrics {
         registry.register(Box::new(self.queue_depth.clone()))?;
         registry.register(Box::new(self.jobs_running.clone()))?;
         registry.register(Box::new(self.step_seconds.clone()))?;
-        registry.register(Box::new(self.jobs.clone()))
+        registry.register(Box::new(self.jobs.clone()))?;
+        registry.register(Box::new(self.vae_f32_decodes.clone()))
     }
 }
 
@@ -548,11 +556,15 @@ fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
         }));
         shared.metrics.jobs_running.set(0);
         match outcome {
-            Ok(Ok(images)) => Ok(JobOutput {
-                images,
-                queued,
-                generation: started.elapsed(),
-            }),
+            Ok(Ok(images)) => {
+                let redone = images.iter().filter(|g| g.decoded_in_f32).count();
+                shared.metrics.vae_f32_decodes.inc_by(redone as u64);
+                Ok(JobOutput {
+                    images,
+                    queued,
+                    generation: started.elapsed(),
+                })
+            }
             Ok(Err(Error::Cancelled)) => {
                 Err(stop_reason(Instant::now()).unwrap_or(JobError::Cancelled))
             }

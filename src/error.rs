@@ -59,6 +59,10 @@ pub enum Error {
     /// The device or its driver failed (out of memory among others): retrying later may work.
     #[error("backend error: {0}")]
     Backend(String),
+    /// The model produced NaN or infinity where it must not (an overflow the f32 decode could not
+    /// repair, or in the UNet): this request fails, and retrying it will not help.
+    #[error("numerical failure: {0}")]
+    NonFinite(String),
     #[error("cancelled")]
     Cancelled,
     #[error("image encoding: {0}")]
@@ -107,6 +111,7 @@ impl Error {
             | Error::Tokenizer(_)
             | Error::Shape { .. }
             | Error::InvalidArgument(_)
+            | Error::NonFinite(_)
             | Error::Image(_) => Fault::Bug,
         }
     }

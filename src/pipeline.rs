@@ -2,6 +2,9 @@
 //! decode → pixels. Latents stay on the host in NCHW order between steps, so the noise drawn for
 //! them is exactly what diffusers draws with the same seed.
 
+use std::sync::OnceLock;
+
+use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, RecordingId};
 use crate::backend::{Backend, Device, OpenedBackend, RecordedFn};
 use crate::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
@@ -48,6 +51,9 @@ pub struct Progress {
 pub struct GeneratedImage {
     pub seed: u64,
     pub image: RgbImage,
+    /// The device's VAE decode overflowed (non-finite pixels) and the image was decoded again
+    /// in f32 on the CPU.
+    pub decoded_in_f32: bool,
 }
 
 /// The parsed configs of the four components.
@@ -108,6 +114,7 @@ pub struct Pipeline<B: Backend> {
     backend: B,
     /// How UNet evaluations run: `None` op by op (every backend), else recorded and replayed.
     unet_recorder: Option<UnetRecorder<B>>,
+    f32_decoder: Option<F32Decoder>,
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel<B>,
     unet: Unet<B>,
@@ -171,6 +178,7 @@ impl<B: Backend> Pipeline<B> {
         Ok(Pipeline {
             backend,
             unet_recorder: None,
+            f32_decoder: None,
             tokenizer,
             text_encoder,
             unet,
@@ -183,6 +191,12 @@ impl<B: Backend> Pipeline<B> {
     /// Runs every UNet evaluation through `recorder` from now on.
     pub fn with_unet_recorder(mut self, recorder: UnetRecorder<B>) -> Self {
         self.unet_recorder = Some(recorder);
+        self
+    }
+
+    /// Decodes again with `decoder` whenever this backend's VAE decode is not finite.
+    pub fn with_f32_decoder(mut self, decoder: F32Decoder) -> Self {
+        self.f32_decoder = Some(decoder);
         self
     }
 
@@ -303,9 +317,11 @@ impl<B: Backend> Pipeline<B> {
                             steps_per_image: total,
                         })
                     })?;
+                let (image, decoded_in_f32) = self.decode_checked(&latents)?;
                 Ok(GeneratedImage {
                     seed,
-                    image: self.decode(&latents)?,
+                    image,
+                    decoded_in_f32,
                 })
             })
             .collect()
@@ -348,6 +364,13 @@ impl<B: Backend> Pipeline<B> {
             let input = HostTensor::new(vec![rows, c, h, w], input)?.nchw_to_nhwc()?; // [rows, h, w, C]
             let out = self.evaluate_unet(&b.upload(&input)?, t, context)?; // [rows, h, w, C]
             let out = b.download(&out)?.nhwc_to_nchw()?.data; // [rows, C, h, w]
+            if out.iter().any(|v| !v.is_finite()) {
+                return Err(Error::NonFinite(format!(
+                    "the UNet produced non-finite values at step {} of {}",
+                    i + 1,
+                    timesteps.len()
+                )));
+            }
             let n = c * h * w;
             let guided: Vec<f32> = if guidance {
                 let (uncond, cond) = out.split_at(n);
@@ -370,6 +393,13 @@ impl<B: Backend> Pipeline<B> {
     /// NCHW latents → 8-bit RGB, as diffusers: decode(latents / scaling_factor), then
     /// round(255 · clamp(x/2 + 0.5, 0, 1)).
     pub fn decode(&self, latents: &HostTensor) -> Result<RgbImage> {
+        Ok(self.decode_checked(latents)?.0)
+    }
+
+    /// [`Pipeline::decode`], and whether the f32 decoder had to redo it: non-finite pixels from
+    /// the device (f16 overflow in SD 2.x's VAE at high resolution) are decoded again by the
+    /// [`F32Decoder`] where there is one, never turned into a black or speckled PNG.
+    fn decode_checked(&self, latents: &HostTensor) -> Result<(RgbImage, bool)> {
         let b = &self.backend;
         // diffusers: latents / scaling_factor + shift_factor (the shift only where set).
         let scale = self.vae.config().scaling_factor;
@@ -377,24 +407,68 @@ impl<B: Backend> Pipeline<B> {
         let z = HostTensor::new(
             latents.shape.clone(),
             latents.data.iter().map(|x| x / scale + shift).collect(),
-        )?;
-        let image = self.vae.decode(b, &b.upload(&z.nchw_to_nhwc()?)?)?; // [1, H, W, 3]
-        let image = b.download(&image)?;
-        let (height, width) = (image.shape[1], image.shape[2]);
-        if image.data.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Backend("the VAE produced non-finite pixels".into()));
+        )?
+        .nchw_to_nhwc()?; // [1, h, w, C_lat]
+        let image = b.download(&self.vae.decode(b, &b.upload(&z)?)?)?; // [1, H, W, 3]
+        if image.data.iter().all(|v| v.is_finite()) {
+            return Ok((to_rgb(&image), false));
         }
-        let pixels = image
-            .data
-            .iter()
-            .map(|&v| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8)
-            .collect();
-        Ok(RgbImage {
-            width,
-            height,
-            pixels,
-        })
+        let Some(decode_f32) = &self.f32_decoder else {
+            return Err(Error::NonFinite(
+                "the VAE produced non-finite pixels".into(),
+            ));
+        };
+        tracing::warn!(
+            "the VAE decode overflowed on {}; decoding again in f32",
+            b.describe()
+        );
+        let image = decode_f32(&z)?;
+        if image.data.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(
+                "the VAE produced non-finite pixels, in f32 too".into(),
+            ));
+        }
+        Ok((to_rgb(&image), true))
     }
+}
+
+/// `[1, H, W, 3]` in [-1, 1] → 8-bit RGB.
+fn to_rgb(image: &HostTensor) -> RgbImage {
+    let pixels = image
+        .data
+        .iter()
+        .map(|&v| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    RgbImage {
+        width: image.shape[2],
+        height: image.shape[1],
+        pixels,
+    }
+}
+
+/// The VAE decode of scaled NHWC latents `[1, h, w, C_lat]` in f32 (→ `[1, H, W, 3]`), for when
+/// the device's overflowed.
+pub type F32Decoder = Box<dyn Fn(&HostTensor) -> Result<HostTensor> + Send + Sync>;
+
+/// An [`F32Decoder`] on the CPU backend for the model in `files`; its VAE is loaded on first use.
+pub fn cpu_f32_decoder(files: &ModelFiles) -> F32Decoder {
+    let (config_path, weights_path) = (files.vae_config.clone(), files.vae_weights.clone());
+    let loaded: OnceLock<std::result::Result<VaeDecoder<CpuBackend>, String>> = OnceLock::new();
+    Box::new(move |z| {
+        let cpu = CpuBackend::new();
+        let vae = loaded.get_or_init(|| {
+            let load = || -> Result<VaeDecoder<CpuBackend>> {
+                let config: VaeConfig = config::read_json(&config_path)?;
+                let weights = SafeTensorsFile::open(&weights_path)?;
+                VaeDecoder::load(&WeightScope::new(&weights, &cpu), &config)
+            };
+            load().map_err(|e| e.to_string())
+        });
+        let vae = vae
+            .as_ref()
+            .map_err(|e| Error::Backend(format!("loading the f32 VAE decoder: {e}")))?;
+        cpu.download(&vae.decode(&cpu, &cpu.upload(z)?)?)
+    })
 }
 
 /// Loads the model on the backend [`Device::open`] starts for `device`. On the CUDA backend,
@@ -405,7 +479,8 @@ pub fn load_on_device(files: &ModelFiles, device: Device) -> Result<Box<dyn Imag
         OpenedBackend::Cpu(backend) => Box::new(Pipeline::load(files, backend)?),
         OpenedBackend::Cuda(backend) => {
             tracing::info!(device = %backend.describe(), "loading the model on the GPU");
-            let pipeline = Pipeline::load(files, *backend)?;
+            let pipeline =
+                Pipeline::load(files, *backend)?.with_f32_decoder(cpu_f32_decoder(files));
             if crate::env::flag("SD21_CUDA_GRAPHS") == Some(true) {
                 Box::new(pipeline.with_unet_recorder(cuda_graphs()))
             } else {
@@ -463,5 +538,66 @@ impl<B: Backend> ImageGenerator for Pipeline<B> {
     }
     fn describe_device(&self) -> String {
         self.backend.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Fault;
+    use crate::testing::{Sabotage, Sabotaged};
+
+    fn tiny() -> ModelFiles {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd21");
+        ModelFiles::locate(&dir).expect("the tiny fixture model")
+    }
+
+    fn request() -> GenerationRequest {
+        GenerationRequest {
+            prompt: "a red boat".into(),
+            negative_prompt: String::new(),
+            width: 32,
+            height: 32,
+            steps: 2,
+            cfg_scale: 7.0,
+            seed: 3,
+            scheduler: SchedulerKind::Ddim,
+            number_of_images: 1,
+        }
+    }
+
+    fn generate<B: Backend>(pipeline: &Pipeline<B>) -> Result<Vec<GeneratedImage>> {
+        pipeline.generate(&request(), &mut |_| true)
+    }
+
+    #[test]
+    fn an_overflowing_vae_decode_is_redone_in_f32_never_a_broken_png() {
+        let files = tiny();
+        let cpu = generate(&Pipeline::load(&files, CpuBackend::new()).unwrap()).unwrap();
+        assert!(!cpu[0].decoded_in_f32);
+        // The device's VAE conv_out (3 channels) overflows to NaN.
+        let overflowing = || Sabotaged::new(Sabotage::NanFromConv { channels: 3 });
+        let with_fallback = Pipeline::load(&files, overflowing())
+            .unwrap()
+            .with_f32_decoder(cpu_f32_decoder(&files));
+        let redone = generate(&with_fallback).unwrap();
+        assert!(redone[0].decoded_in_f32);
+        assert_eq!(redone[0].image, cpu[0].image, "the f32 decode is the CPU's");
+        // Without an f32 decoder the request fails; no image is made of the NaNs.
+        let err = generate(&Pipeline::load(&files, overflowing()).unwrap()).unwrap_err();
+        assert!(matches!(err, Error::NonFinite(_)), "{err}");
+        assert_eq!(err.fault(), Fault::Bug);
+    }
+
+    #[test]
+    fn a_non_finite_unet_output_fails_the_request_clearly() {
+        let files = tiny();
+        let nan_unet = Sabotaged::new(Sabotage::NanFromConv { channels: 4 });
+        let pipeline = Pipeline::load(&files, nan_unet).unwrap();
+        let err = generate(&pipeline).unwrap_err().to_string();
+        assert!(
+            err.contains("UNet produced non-finite values at step 1 of 2"),
+            "{err}"
+        );
     }
 }

@@ -139,8 +139,8 @@ mod tests {
 
     #[test]
     fn a_gpu_failing_its_self_test_is_not_used() {
-        use crate::backend::selftest::tests::WrongSilu;
-        let wrong = || WrongSilu(CpuBackend::new());
+        use crate::testing::{Sabotage, Sabotaged};
+        let wrong = || Sabotaged::new(Sabotage::SiluIsIdentity);
         assert!(matches!(
             Device::Auto.accept_after_selftest(wrong()),
             Ok(None)

@@ -280,74 +280,9 @@ fn cases_for<B: Backend>() -> Vec<(&'static str, Shapes, Run<B>, Run<CpuBackend>
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::backend::cpu::CpuTensor;
-    use crate::backend::{contract, Compute};
-
-    /// The CPU backend with one wrong op: SiLU answers x instead of x·σ(x) (a kernel bug).
-    pub(crate) struct WrongSilu(pub CpuBackend);
-
-    impl Compute for WrongSilu {
-        type Tensor = CpuTensor;
-        fn describe(&self) -> String {
-            "cpu with a wrong silu".into()
-        }
-        fn upload(&self, host: &HostTensor) -> Result<CpuTensor> {
-            Compute::upload(&self.0, host)
-        }
-        fn download(&self, t: &CpuTensor) -> Result<HostTensor> {
-            Compute::download(&self.0, t)
-        }
-        fn view(&self, t: &CpuTensor, shape: Vec<usize>) -> CpuTensor {
-            Compute::view(&self.0, t, shape)
-        }
-        fn linear(&self, op: contract::Linear<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::linear(&self.0, op)
-        }
-        fn conv2d(&self, op: contract::Conv2d<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::conv2d(&self.0, op)
-        }
-        fn group_norm(&self, op: contract::GroupNorm<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::group_norm(&self.0, op)
-        }
-        fn layer_norm(&self, op: contract::LayerNorm<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::layer_norm(&self.0, op)
-        }
-        fn attention(&self, op: contract::Attention<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::attention(&self.0, op)
-        }
-        fn geglu(&self, op: contract::Geglu<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::geglu(&self.0, op)
-        }
-        fn gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
-            Compute::gelu(&self.0, x)
-        }
-        fn silu(&self, x: &CpuTensor) -> Result<CpuTensor> {
-            Ok(x.clone())
-        }
-        fn add(&self, op: contract::Add<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::add(&self.0, op)
-        }
-        fn add_per_channel(&self, op: contract::AddPerChannel<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::add_per_channel(&self.0, op)
-        }
-        fn upsample_nearest(
-            &self,
-            op: contract::UpsampleNearest<'_, CpuTensor>,
-        ) -> Result<CpuTensor> {
-            Compute::upsample_nearest(&self.0, op)
-        }
-        fn concat_channels(
-            &self,
-            op: contract::ConcatChannels<'_, CpuTensor>,
-        ) -> Result<CpuTensor> {
-            Compute::concat_channels(&self.0, op)
-        }
-        fn embedding(&self, op: contract::Embedding<'_, CpuTensor>) -> Result<CpuTensor> {
-            Compute::embedding(&self.0, op)
-        }
-    }
+    use crate::testing::{Sabotage, Sabotaged};
 
     #[test]
     fn the_reference_passes_itself_exactly() {
@@ -364,7 +299,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_wrong_op_fails_and_is_named() {
-        let report = run(&WrongSilu(CpuBackend::new()));
+        let report = run(&Sabotaged::new(Sabotage::SiluIsIdentity));
         assert!(!report.passed());
         let failing: Vec<_> = report
             .cases
@@ -379,5 +314,15 @@ pub(crate) mod tests {
             "{first}"
         );
         assert!(report.table().contains("FAIL"));
+    }
+
+    #[test]
+    fn non_finite_output_fails() {
+        let report = run(&Sabotaged::new(Sabotage::NanFromConv { channels: 16 }));
+        let first = report.first_failure().unwrap_or_default();
+        assert!(
+            first.starts_with("conv2d 3x3") && first.contains("non-finite"),
+            "{first}"
+        );
     }
 }
