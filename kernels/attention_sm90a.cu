@@ -90,17 +90,17 @@ extern "C" __global__ void __launch_bounds__(HA_THREADS)
         fence_proxy_async();  // ... is visible to the tensor cores ...
         __syncthreads();      // ... for every thread
 
-        // S = Q·Kᵀ: 64 × 64 for the warpgroup, 4 k16 steps over the head dim.
+        // S = Q·Kᵀ: 64 × 64 for the warpgroup, 4 k16 steps over the head dim; the first step
+        // overwrites S (scale-d 0), so nothing is zeroed next to the fence.
         float s[32];
-#pragma unroll
-        for (int i = 0; i < 32; ++i) s[i] = 0.0f;
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < HA_D / 16; ++ks)
             wgmma_m64n64k16_ss(s, wgmma_desc(sq + ks * 2 * HA_LBO, HA_LBO, HA_SBO),
-                               wgmma_desc(sk(j & 1) + ks * 2 * HA_LBO, HA_LBO, HA_SBO));
+                               wgmma_desc(sk(j & 1) + ks * 2 * HA_LBO, HA_LBO, HA_SBO), ks > 0);
         wgmma_commit();
         wgmma_wait<0>();
+        fence_operand(s);  // no read of S moves above the wait
 
         // Scale into log2 units, mask, and update the online softmax (attention_common.cuh).
         auto S = [&](int nt, int e) -> float & { return s[4 * nt + e]; };
@@ -115,6 +115,10 @@ extern "C" __global__ void __launch_bounds__(HA_THREADS)
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
             for (int r = 0; r < 4; ++r) pa[kk][r] = pack_half2(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+        // O *= alpha and the packing finish before the fence; O is read only after the wait.
+        fence_operand(o);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) fence_operand(pa[kk]);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)  // keys 16kk..: two core matrices along K per step
@@ -122,6 +126,7 @@ extern "C" __global__ void __launch_bounds__(HA_THREADS)
                                   wgmma_desc(sv(j & 1) + kk * 2 * HA_LBO, HA_LBO, HA_SBO));
         wgmma_commit();
         wgmma_wait<0>();
+        fence_operand(o);
         __syncthreads();  // this stage is refilled at the top of the next iteration
     }
     cp_async_wait<0>();

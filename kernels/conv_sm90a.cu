@@ -69,14 +69,18 @@ extern "C" __global__ void __launch_bounds__(H_THREADS)
         }
     };
 
-    float acc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-
     // This block's k-tiles (of 64): all of them, or (split-K) its slice.
     const int kt_all = (K + H_BK - 1) / H_BK;
     const int kt0 = p.splits > 1 ? blockIdx.z * p.k_tiles_per_split : 0;
     const int KT = p.splits > 1 ? min(kt_all - kt0, p.k_tiles_per_split) : kt_all;
+
+    // The first k-step overwrites the accumulators (scale-d 0); only a block without k-tiles
+    // (uniform across it) zeroes them.
+    float acc[64];
+    if (KT <= 0) {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    }
     // Loads run H_AHEAD tiles ahead and one wgmma group stays in flight, so a stage is refilled
     // only after the group that read it (H_AHEAD + 1 < H_STAGES iterations earlier) retired.
 #pragma unroll
@@ -95,15 +99,18 @@ extern "C" __global__ void __launch_bounds__(H_THREADS)
 
         const uint8_t *As = h_smem + (kt % H_STAGES) * H_STAGE_BYTES + wg * 8 * H_SBO;
         const uint8_t *Bs = h_smem + (kt % H_STAGES) * H_STAGE_BYTES + H_TILE_BYTES;
+        if (kt > 0) fence_operand(acc);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < H_BK / 16; ++ks)
             wgmma_m64n128k16(acc, wgmma_desc(As + ks * 2 * H_LBO, H_LBO, H_SBO),
-                             wgmma_desc(Bs + ks * 2 * H_LBO, H_LBO, H_SBO));
+                             wgmma_desc(Bs + ks * 2 * H_LBO, H_LBO, H_SBO), kt > 0 || ks > 0);
         wgmma_commit();
         wgmma_wait<1>();  // tile kt − 1's group retires; tile kt's stays in flight
+        fence_operand(acc);
     }
     wgmma_wait<0>();
+    fence_operand(acc);
     cp_async_wait<0>();
 
     // Epilogue: rows g and g + 8 of this warp's 16, columns 8i + 2t, 8i + 2t + 1; with split-K,

@@ -26,6 +26,21 @@ SD21_DEV void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;
 // Before the first wgmma that uses registers written by other instructions.
 SD21_DEV void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 
+// Pins registers around a wgmma fence, commit or wait so that the compiler cannot move their
+// reads or writes across it (CUTLASS's warpgroup_fence_operand): register access between the
+// fence and the wgmma that uses the register is undefined (PTX ISA, wgmma.fence).
+template <int N>
+SD21_DEV void fence_operand(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+template <int N>
+SD21_DEV void fence_operand(uint32_t (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
 SD21_DEV void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 
 // Waits until at most N committed wgmma groups are pending.
@@ -34,10 +49,11 @@ SD21_DEV void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// D (64×128, f32) += A (64×16, K-major, descriptor a) · Bᵀ (B 128×16, K-major, descriptor b),
-// issued by the 128 threads of a warpgroup. Accumulator layout (g = lane/4, t = lane%4, warp w
+// D (64×128, f32) = A (64×16, K-major, descriptor a) · Bᵀ (B 128×16, K-major, descriptor b)
+// + scale_d · D (scale_d 0 on a first k-step: no zeroed accumulators to keep in order), issued
+// by the 128 threads of a warpgroup. Accumulator layout (g = lane/4, t = lane%4, warp w
 // of the warpgroup): d[4i + e] = D[16w + g + 8(e/2)][8i + 2t + e%2], i = 0..15.
-SD21_DEV void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+SD21_DEV void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
@@ -54,12 +70,12 @@ SD21_DEV void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(a), "l"(b), "r"(1));
+        : "l"(a), "l"(b), "r"(scale_d));
 }
 
-// D (64×64, f32) += A (64×16, K-major, descriptor a) · Bᵀ (B 64×16, K-major, descriptor b).
-// Accumulators as for m64n128k16 with i = 0..7.
-SD21_DEV void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b) {
+// D (64×64, f32) = A (64×16, K-major, descriptor a) · Bᵀ (B 64×16, K-major, descriptor b)
+// + scale_d · D. Accumulators as for m64n128k16 with i = 0..7.
+SD21_DEV void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b, int scale_d) {
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
@@ -72,7 +88,7 @@ SD21_DEV void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b) {
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b), "r"(1));
+        : "l"(a), "l"(b), "r"(scale_d));
 }
 
 // D (64×64, f32) += A (64×16 from registers) · B (16×64, MN-major: descriptor b of an operand

@@ -44,17 +44,22 @@ struct WgmmaOp {
     float a_rows[2][16];  // A[16w + g][0..16) and A[16w + g + 8][0..16)
     bool b_mn_major;   // imm-trans-b: B's 8-element rows run along N
     float *d;
+    bool accumulate;   // scale-d: D = A·B + D (true) or D = A·B (false)
 };
 inline thread_local std::vector<WgmmaOp> wgmma_open;
 inline thread_local std::vector<std::vector<WgmmaOp>> wgmma_groups;  // oldest first
 
-SD21_DEV void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
-    wgmma_open.push_back({128, a, b, false, {}, false, d});
+SD21_DEV void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+    wgmma_open.push_back({128, a, b, false, {}, false, d, scale_d != 0});
 }
 
-SD21_DEV void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b) {
-    wgmma_open.push_back({64, a, b, false, {}, false, d});
+SD21_DEV void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b, int scale_d) {
+    wgmma_open.push_back({64, a, b, false, {}, false, d, scale_d != 0});
 }
+
+// Register pinning has no meaning on the CPU.
+template <int N, typename T>
+SD21_DEV void fence_operand(T (&)[N]) {}
 
 // A from registers: the warp's lanes exchange their fragments (mma.sync's m16n8k16 A layout) so
 // each thread keeps its rows g and g + 8 whole.
@@ -63,7 +68,7 @@ SD21_DEV void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint32_t (&a)[4], uint
     uint64_t *box = emu::mailbox(l);
     for (int i = 0; i < 4; ++i) box[i] = a[i];
     emu::warp_wait();
-    WgmmaOp op{64, 0, b, true, {}, true, d};
+    WgmmaOp op{64, 0, b, true, {}, true, d, true};
     const int g = l / 4;
     for (int tt = 0; tt < 4; ++tt) {
         const uint64_t *m = emu::mailbox(4 * g + tt);
@@ -113,7 +118,7 @@ SD21_DEV void wgmma_wait() {
             for (int i = 0; i < op.n / 8; ++i)
                 for (int e = 0; e < 4; ++e) {
                     const int row = 16 * w + g + 8 * (e / 2), col = 8 * i + 2 * t + (e % 2);
-                    float acc = op.d[4 * i + e];
+                    float acc = op.accumulate ? op.d[4 * i + e] : 0.0f;
                     for (int k = 0; k < 16; ++k) {
                         const float av = op.a_in_regs ? op.a_rows[e / 2][k]
                                                       : wgmma_operand(op.a, row, k, false);
