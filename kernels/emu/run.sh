@@ -4,6 +4,9 @@
 # machine without a GPU. See emu/common.cuh for how CUDA is emulated and what is not checked
 # (races, timing, anything the real hardware does differently from the PTX ISA's description).
 #
+# Then three runs that misread the wgmma layout on purpose (emu/wgmma.cuh, SD21_EMU_MUTATION)
+# and must fail in the wgmma cases: they guard the emulator's own reading of the ISA.
+#
 # Usage: kernels/emu/run.sh   (prints one line per case; exit status non-zero on any failure)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -31,3 +34,18 @@ echo "== cp.async lands at its wait_group =="
 stdbuf -oL "$work/check"
 echo "== cp.async lands at issue =="
 SD21_EMU_CP_ASYNC=early stdbuf -oL "$work/check"
+echo "== misreadings of the wgmma layout, each of which must fail =="
+status=0
+for mutation in swap_lbo_sbo flip_trans_b accumulator_map; do
+    if SD21_EMU_MUTATION="$mutation" "$work/check" >"$work/$mutation.log" 2>&1; then
+        echo "FAIL $mutation passed: the emulator no longer checks this reading"
+        status=1
+    elif ! grep -q '^FAIL .*_sm90' "$work/$mutation.log"; then
+        echo "FAIL $mutation failed, but in no wgmma case:"
+        tail -5 "$work/$mutation.log"
+        status=1
+    else
+        echo "ok   $mutation fails as it must ($(grep -c '^FAIL .*_sm90' "$work/$mutation.log") wgmma cases)"
+    fi
+done
+exit "$status"

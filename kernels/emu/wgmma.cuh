@@ -7,11 +7,35 @@
 // results. Each thread computes its own 64 accumulators following the PTX ISA's layout for
 // m64nNk16 (warp w of the warpgroup, g = lane/4, t = lane%4: d[4i + e] = D[16w + g + 8(e/2)]
 // [8i + 2t + e%2]) and the descriptor fields of the no-swizzle K-major layout.
+//
+// SD21_EMU_MUTATION (run.sh's negative runs) makes the emulator misread the ISA on purpose:
+// swap_lbo_sbo (the descriptor's two strides exchanged), flip_trans_b (imm-trans-b inverted) or
+// accumulator_map (the roles of e/2 and e%2 in the accumulator layout exchanged). Each must make
+// the wgmma cases fail; if one ever passes, the emulator has stopped checking that reading.
 #pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 #include "common.cuh"
 
 namespace sd21 {
+
+enum class EmuMutation { None, SwapLboSbo, FlipTransB, AccumulatorMap };
+
+inline EmuMutation emu_mutation() {
+    static const EmuMutation m = [] {
+        const char *v = std::getenv("SD21_EMU_MUTATION");
+        if (v == nullptr || *v == 0) return EmuMutation::None;
+        if (!std::strcmp(v, "swap_lbo_sbo")) return EmuMutation::SwapLboSbo;
+        if (!std::strcmp(v, "flip_trans_b")) return EmuMutation::FlipTransB;
+        if (!std::strcmp(v, "accumulator_map")) return EmuMutation::AccumulatorMap;
+        std::fprintf(stderr, "unknown SD21_EMU_MUTATION=%s\n", v);
+        std::abort();
+    }();
+    return m;
+}
 
 // The emulator's shared-memory "address" is the offset into the launch's dynamic shared memory
 // (wgmma operands must live there).
@@ -97,7 +121,8 @@ inline float wgmma_operand(uint64_t desc, int row, int k, bool mn_major) {
         std::abort();
     }
     const size_t start = (desc & 0x3FFF) << 4;
-    const size_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+    size_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+    if (emu_mutation() == EmuMutation::SwapLboSbo) std::swap(lbo, sbo);
     const size_t off =
         mn_major ? start + (row / 8) * sbo + (k / 8) * lbo + (k % 8) * 16 + (row % 8) * 2
                  : start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
@@ -117,12 +142,16 @@ SD21_DEV void wgmma_wait() {
         for (const WgmmaOp &op : wgmma_groups.front())
             for (int i = 0; i < op.n / 8; ++i)
                 for (int e = 0; e < 4; ++e) {
-                    const int row = 16 * w + g + 8 * (e / 2), col = 8 * i + 2 * t + (e % 2);
+                    const bool swapped = emu_mutation() == EmuMutation::AccumulatorMap;
+                    const int row = 16 * w + g + 8 * (swapped ? e % 2 : e / 2);
+                    const int col = 8 * i + 2 * t + (swapped ? e / 2 : e % 2);
+                    const bool b_mn_major =
+                        op.b_mn_major != (emu_mutation() == EmuMutation::FlipTransB);
                     float acc = op.accumulate ? op.d[4 * i + e] : 0.0f;
                     for (int k = 0; k < 16; ++k) {
                         const float av = op.a_in_regs ? op.a_rows[e / 2][k]
                                                       : wgmma_operand(op.a, row, k, false);
-                        acc += av * wgmma_operand(op.b, col, k, op.b_mn_major);
+                        acc += av * wgmma_operand(op.b, col, k, b_mn_major);
                     }
                     op.d[4 * i + e] = acc;
                 }
