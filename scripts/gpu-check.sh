@@ -13,6 +13,11 @@
 # - cuBLAS 13 lives inside PyPI packages on those machines (e.g. under /opt/torch/.venv), not on
 #   the loader path: libcublas.so.13 and libcublasLt.so.13 are searched for and their folders put
 #   on LD_LIBRARY_PATH (SD21_CUBLAS_DIR names a folder to try first).
+# - The tests include the start-up self-test (`the_start_up_self_test_passes_on_this_gpu`, what
+#   `sd21 selftest --device cuda` prints; its table lands in the report as `selftest`) and a
+#   full-size 768² VAE decode checked for finite pixels. Then, where compute-sanitizer exists,
+#   memcheck, racecheck and synccheck on the small attention and convolution tests (reported as
+#   `sanitizer`, logs in $OUT/sanitizer-*.log; not part of the exit code).
 # - Tests run with SD21_EXPECT_GPU=1 (a test that would skip fails instead) and
 #   SD21_REPO_ROOT=$PWD (fixtures), under `timeout` (SD21_GPU_TEST_TIMEOUT seconds, default 240).
 # - Writes $OUT/gpu-check.json (OUT defaults to .gpu-bin/out) and the full log beside it; prints
@@ -60,7 +65,7 @@ write_report() {
     if command -v python3 >/dev/null 2>&1; then
         STATUS="$status" MESSAGE="$message" CODE="$code" STARTED="$started" GPU="$gpu_info" \
             CUBLAS="$cublas_dir" LOG="$log" RERUN_LOG="${rerun_log:-}" BUILD=.gpu-bin/BUILD.txt OUTDIR="$out" \
-            BENCH_STATUS="$bench_status" python3 - >"$report" <<'PY'
+            BENCH_STATUS="$bench_status" SANITIZER="${sanitizer_summary:-not run}" python3 - >"$report" <<'PY'
 import json, os, re
 def read_json(name):
     path = os.path.join(os.environ["OUTDIR"], name)
@@ -72,6 +77,7 @@ def parse(log_path):
     """Tests, checks, the summary line and the panics of one run of the test binary."""
     lines = open(log_path, errors="replace").read().splitlines() if os.path.exists(log_path) else []
     tests, checks, summary = {}, [], None
+    selftest, in_selftest = [], False
     in_failures = False
     for line in lines:
         # With --nocapture and parallel tests, "test NAME ... " and its result can be split by
@@ -80,6 +86,15 @@ def parse(log_path):
         m = re.match(r"^test (\S+) \.\.\. ?(ok|FAILED|ignored)?", line)
         if m:
             tests[m.group(1)] = m.group(2) or tests.get(m.group(1)) or "unknown"
+        # The start-up self-test's table (one println, so its lines stay together; with
+        # --nocapture its first line may follow "test NAME ... ").
+        if "self-test of " in line:
+            selftest, in_selftest = [line[line.index("self-test of "):]], True
+            continue
+        if in_selftest:
+            selftest.append(line)
+            in_selftest = not re.match(r"^\d+ cases: ", line)
+            continue
         if line == "failures:":
             in_failures = True
         elif in_failures:
@@ -102,6 +117,7 @@ def parse(log_path):
         "passed": sorted(k for k, v in tests.items() if v == "ok"),
         "failed": sorted(k for k, v in tests.items() if v == "FAILED"),
         "checks": checks,
+        "selftest": selftest,
         "panics": [l for l in lines if "panicked at" in l or l.startswith("thread '")][:50],
         "log": log_path,
     }
@@ -117,6 +133,7 @@ print(json.dumps({
     "build": build,
     **parse(os.environ["LOG"]),
     "rerun_without_wgmma_and_graphs": parse(rerun) if rerun else None,
+    "sanitizer": os.environ["SANITIZER"],
     "benchmarks": {
         "status": os.environ["BENCH_STATUS"],
         "kernels": read_json("kernels.json"),
@@ -205,6 +222,26 @@ if [ "$rc" != 0 ]; then
         export SD21_WGMMA=0  # the benchmarks below then time the portable kernels
     fi
 fi
+
+# 4c. compute-sanitizer (memcheck, racecheck, synccheck) on the flash-attention and convolution
+#     kernels at small shapes, where the tool exists on this machine. Its findings are reported;
+#     they do not change the exit code (the tool's own limits and false positives are unknown
+#     on these machines until it has run once).
+sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null ||
+    find /opt /usr/local -name compute-sanitizer -type f 2>/dev/null | head -n1)"
+sanitizer_summary=""
+if [ "$probe" = 1 ] && [ -n "$sanitizer" ] && [ -x "$sanitizer" ]; then
+    for tool in memcheck racecheck synccheck; do
+        tool_log="$out/sanitizer-$tool.log"
+        echo "gpu-check: $sanitizer --tool $tool (log: $tool_log)" >&2
+        timeout "$(limit 90)" "$sanitizer" --tool "$tool" --error-exitcode 9 "$bin" --nocapture \
+            --test-threads=1 --exact conv_awkward_shapes_match_cpu attention_awkward_shapes >"$tool_log" 2>&1
+        sanitizer_summary="$sanitizer_summary$tool=exit $? ($(grep -c '^========= ' "$tool_log") tool lines); "
+    done
+else
+    sanitizer_summary="not run: $([ "$probe" = 1 ] && echo 'no compute-sanitizer on this machine' || echo '--no-gpu-probe')"
+fi
+echo "gpu-check: sanitizer: $sanitizer_summary" >&2
 
 # 5. The benchmarks, only on kernels that passed their tests.
 bench=.gpu-bin/sd21-bench

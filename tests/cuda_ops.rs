@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 
 use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::{cuda_available, CudaBackend};
-use sd21::backend::{Activation, Backend, Mask, Tensor};
+use sd21::backend::{selftest, Activation, Backend, Mask, Tensor};
 use sd21::pipeline::{cuda_graphs, GenerationRequest, Pipeline};
 use sd21::random::SeededRng;
 use sd21::sampling::SchedulerKind;
@@ -159,6 +159,24 @@ impl Rng {
 }
 
 // ------------------------------------------------------------------ basics
+
+/// The start-up self-test on this device, as `Device::open` runs it (not in debug mode) and
+/// `sd21 selftest --device cuda` prints it: every op family against the CPU backend.
+#[test]
+fn the_start_up_self_test_passes_on_this_gpu() {
+    if gpu().is_none() {
+        skip();
+        return;
+    }
+    let backend = CudaBackend::new(0).expect("a CUDA backend for the self-test");
+    let report = selftest::run(&backend);
+    println!("{}", report.table());
+    assert!(
+        report.passed(),
+        "{}",
+        report.first_failure().unwrap_or_default()
+    );
+}
 
 #[test]
 fn upload_download_reshape_roundtrip() {
@@ -824,5 +842,40 @@ fn unet_cuda_graph_replays_match_op_by_op() {
     assert!(
         b.graph_replays() >= 4 + request.steps - 1,
         "the generation's UNet steps replayed the graph"
+    );
+}
+
+/// SD 2.x's VAE decoder is known to overflow f16 at high resolution: a full-size 768² decode
+/// (SD 2.1's VAE dimensions, random weights scaled like a fresh init) must give finite pixels
+/// on the device (the pipeline would otherwise redo it in f32 on the CPU).
+#[test]
+fn a_full_size_768_vae_decode_is_finite() {
+    let Some(g) = gpu() else {
+        skip();
+        return;
+    };
+    let config: sd21::config::VaeConfig = serde_json::from_value(serde_json::json!({
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]
+    }))
+    .expect("SD 2.1's VAE config");
+    let weights = sd21::weights::RandomWeights::new(5);
+    let vae = sd21::model::VaeDecoder::load(&sd21::weights::WeightScope::new(&weights, g), &config)
+        .expect("load the VAE with random weights");
+    let z = g.upload(&Rng::new(8).tensor(&[1, 96, 96, 4], 1.0)).unwrap();
+    let image = g.download(&vae.decode(g, &z).expect("decode")).unwrap();
+    assert_eq!(image.shape, [1, 768, 768, 3]);
+    let bad = image.data.iter().filter(|v| !v.is_finite()).count();
+    println!(
+        "check vae 768² decode: {bad} non-finite of {}",
+        image.data.len()
+    );
+    assert_eq!(
+        bad, 0,
+        "non-finite pixels from a full-size VAE decode in f16"
     );
 }
