@@ -58,6 +58,8 @@ struct Block {
 };
 inline Block *block = nullptr;
 inline std::vector<unsigned char> smem_storage;
+// Kernel launches so far (checks that key their records by launch).
+inline unsigned launches = 0;
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx)
@@ -75,6 +77,7 @@ inline uint64_t *mailbox(int lane_in_warp) {
 // Runs `kernel` over the grid, one block at a time, one OS thread per CUDA thread.
 template <typename F>
 void launch(dim3 grid, dim3 threads, size_t dyn_smem_bytes, F kernel) {
+    ++launches;
     grid_dim = grid;
     block_dim = threads;
     const int n = threads.x * threads.y * threads.z;

@@ -5,7 +5,8 @@
 # (races, timing, anything the real hardware does differently from the PTX ISA's description).
 #
 # Then three runs that misread the wgmma layout on purpose (emu/wgmma.cuh, SD21_EMU_MUTATION)
-# and must fail in the wgmma cases: they guard the emulator's own reading of the ISA.
+# and must fail in the wgmma cases: they guard the emulator's own reading of the ISA; and one
+# where a thread's wgmma differs from its warpgroup's, which the emulator must refuse.
 #
 # Usage: kernels/emu/run.sh   (prints one line per case; exit status non-zero on any failure)
 set -euo pipefail
@@ -48,4 +49,13 @@ for mutation in swap_lbo_sbo flip_trans_b accumulator_map; do
         echo "ok   $mutation fails as it must ($(grep -c '^FAIL .*_sm90' "$work/$mutation.log") wgmma cases)"
     fi
 done
+# A thread whose wgmma differs from its warpgroup's must stop the run with the check's message.
+if SD21_EMU_MUTATION=non_uniform "$work/check" >"$work/non_uniform.log" 2>&1 ||
+    ! grep -q "the warpgroup's threads issued different wgmma groups" "$work/non_uniform.log"; then
+    echo "FAIL non_uniform: the warpgroup uniformity check did not stop the run"
+    tail -5 "$work/non_uniform.log"
+    status=1
+else
+    echo "ok   non_uniform stops the run as it must"
+fi
 exit "$status"

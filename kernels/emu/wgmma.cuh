@@ -12,17 +12,26 @@
 // swap_lbo_sbo (the descriptor's two strides exchanged), flip_trans_b (imm-trans-b inverted) or
 // accumulator_map (the roles of e/2 and e%2 in the accumulator layout exchanged). Each must make
 // the wgmma cases fail; if one ever passes, the emulator has stopped checking that reading.
+// non_uniform makes one thread's B descriptor differ from its warpgroup's, which the check
+// below must catch.
+//
+// All 128 threads of a warpgroup must issue the same wgmma sequence with the same descriptors
+// and flags (the instruction is warpgroup-collective): each committed group's signature is
+// compared with the one the warpgroup's first thread recorded, and a difference aborts.
 #pragma once
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "common.cuh"
 
 namespace sd21 {
 
-enum class EmuMutation { None, SwapLboSbo, FlipTransB, AccumulatorMap };
+enum class EmuMutation { None, SwapLboSbo, FlipTransB, AccumulatorMap, NonUniform };
 
 inline EmuMutation emu_mutation() {
     static const EmuMutation m = [] {
@@ -31,6 +40,7 @@ inline EmuMutation emu_mutation() {
         if (!std::strcmp(v, "swap_lbo_sbo")) return EmuMutation::SwapLboSbo;
         if (!std::strcmp(v, "flip_trans_b")) return EmuMutation::FlipTransB;
         if (!std::strcmp(v, "accumulator_map")) return EmuMutation::AccumulatorMap;
+        if (!std::strcmp(v, "non_uniform")) return EmuMutation::NonUniform;
         std::fprintf(stderr, "unknown SD21_EMU_MUTATION=%s\n", v);
         std::abort();
     }();
@@ -108,7 +118,38 @@ SD21_DEV void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint32_t (&a)[4], uint
     wgmma_open.push_back(op);
 }
 
+// What must be equal across a warpgroup for one committed group: per wgmma, (N, A descriptor
+// or "A from registers", B descriptor, imm-trans-b, scale-d).
+using WgmmaSignature = std::vector<std::tuple<int, uint64_t, uint64_t, bool, bool>>;
+
+inline void check_warpgroup_uniform(const std::vector<WgmmaOp> &group) {
+    static std::mutex lock;
+    static std::map<std::tuple<unsigned, unsigned, unsigned, unsigned, unsigned, int>,
+                    WgmmaSignature>
+        first;
+    thread_local int commits = 0;
+    WgmmaSignature sig;
+    for (const WgmmaOp &op : group) {
+        uint64_t b = op.b;
+        if (emu_mutation() == EmuMutation::NonUniform && threadIdx.x == 37) b += 1;
+        sig.emplace_back(op.n, op.a_in_regs ? 0 : op.a, b, op.b_mn_major, op.accumulate);
+    }
+    const auto key = std::make_tuple(emu::launches, blockIdx.x, blockIdx.y, blockIdx.z,
+                                     threadIdx.x / 128, commits++);
+    std::lock_guard<std::mutex> guard(lock);
+    auto [it, inserted] = first.emplace(key, sig);
+    if (!inserted && it->second != sig) {
+        std::fprintf(stderr,
+                     "wgmma: the warpgroup's threads issued different wgmma groups (thread %u, "
+                     "group %d): every thread of a warpgroup must issue the same wgmma with the "
+                     "same descriptors\n",
+                     threadIdx.x, std::get<5>(key));
+        std::abort();
+    }
+}
+
 SD21_DEV void wgmma_commit() {
+    check_warpgroup_uniform(wgmma_open);
     wgmma_groups.push_back(std::move(wgmma_open));
     wgmma_open.clear();
 }
