@@ -190,7 +190,7 @@ fn selftest(args: SelftestArgs) -> Result<()> {
         Device::Cuda(ordinal) => {
             let backend = CudaBackend::new(ordinal)
                 .with_context(|| format!("no CUDA device to test ({})", args.device))?;
-            selftest::run(&backend)
+            selftest::run(&backend).with_kernel_choices(backend.start_up_checks())
         }
         Device::Auto | Device::Cpu => selftest::run(&CpuBackend::new()),
     };

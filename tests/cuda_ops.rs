@@ -169,7 +169,7 @@ fn the_start_up_self_test_passes_on_this_gpu() {
         return;
     }
     let backend = CudaBackend::new(0).expect("a CUDA backend for the self-test");
-    let report = selftest::run(&backend);
+    let report = selftest::run(&backend).with_kernel_choices(backend.start_up_checks());
     println!("{}", report.table());
     assert!(
         report.passed(),

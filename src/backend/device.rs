@@ -48,7 +48,10 @@ impl Device {
             return Ok(OpenedBackend::Cpu(CpuBackend::new()));
         };
         let started = match CudaBackend::new(ordinal) {
-            Ok(backend) => self.accept_after_selftest(backend)?,
+            Ok(backend) => {
+                let checks = backend.start_up_checks();
+                self.accept_after_selftest(backend, checks)?
+            }
             Err(err) if self == Device::Auto => {
                 tracing::warn!(%err, "a GPU is present but CUDA could not start; using the CPU");
                 None
@@ -63,8 +66,13 @@ impl Device {
 
     /// `backend` when it passes the self-test; otherwise `None` under `auto` (the CPU is used,
     /// with a warning naming the op) and an error with the whole table when it was asked for.
-    fn accept_after_selftest<B: Backend>(self, backend: B) -> Result<Option<B>> {
-        let report = selftest::run(&backend);
+    /// `kernel_choices` are the backend's own start-up checks, reported with the rest.
+    fn accept_after_selftest<B: Backend>(
+        self,
+        backend: B,
+        kernel_choices: Vec<selftest::CaseResult>,
+    ) -> Result<Option<B>> {
+        let report = selftest::run(&backend).with_kernel_choices(kernel_choices);
         if report.passed() {
             tracing::info!(device = %report.device, cases = report.cases.len(), "self-test passed");
             return Ok(Some(backend));
@@ -142,18 +150,18 @@ mod tests {
         use crate::testing::{Sabotage, Sabotaged};
         let wrong = || Sabotaged::new(Sabotage::SiluIsIdentity);
         assert!(matches!(
-            Device::Auto.accept_after_selftest(wrong()),
+            Device::Auto.accept_after_selftest(wrong(), vec![]),
             Ok(None)
         ));
         let err = Device::Cuda(0)
-            .accept_after_selftest(wrong())
+            .accept_after_selftest(wrong(), vec![])
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("self-test failed (silu"), "{err}");
         assert!(err.contains("FAIL"), "the table is in the error: {err}");
         assert!(matches!(
-            Device::Cuda(0).accept_after_selftest(CpuBackend::new()),
+            Device::Cuda(0).accept_after_selftest(CpuBackend::new(), vec![]),
             Ok(Some(_))
         ));
     }

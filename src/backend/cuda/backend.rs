@@ -14,6 +14,7 @@ use super::graphs::{self, GraphCache};
 use super::kernels::{driver_error, Kernels};
 use super::RecordingId;
 use super::{attention, conv, elementwise, linear, norm, transfer};
+use crate::backend::selftest::{CaseResult, Role};
 use crate::backend::{contract, Compute, RecordedFn, Tensor};
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
@@ -83,6 +84,8 @@ pub struct CudaBackend {
     hopper_conv: AtomicBool,
     /// Head-dim-64 attention uses `flash_attention_d64_sm90` (see `hopper_attention_active`).
     hopper_attention: AtomicBool,
+    /// The wgmma kernels' start-up checks, as rows of the self-test's report.
+    start_up_checks: Vec<CaseResult>,
     description: String,
 }
 
@@ -122,6 +125,7 @@ impl CudaBackend {
             capability: (major, minor),
             hopper_conv: AtomicBool::new(false),
             hopper_attention: AtomicBool::new(false),
+            start_up_checks: Vec::new(),
             description,
         };
         backend.enable_checked_hopper_kernels(ordinal)?;
@@ -132,52 +136,75 @@ impl CudaBackend {
     /// (SD21_WGMMA=0 skips them, e.g. should a check ever fault the GPU context) and names the
     /// active ones in the description. A check that breaks the context is an error.
     fn enable_checked_hopper_kernels(&mut self, ordinal: usize) -> Result<()> {
-        type Check = fn(&CudaBackend) -> Result<()>;
-        let hopper: [(&str, &str, Check, &AtomicBool); 2] = [
+        type Check = fn(&CudaBackend) -> Result<f64>;
+        let hopper: [(&str, &'static str, &str, Check); 2] = [
             (
                 conv::HOPPER_KERNEL,
-                "convolution",
+                "conv2d wgmma",
+                conv::HOPPER_CHECK_SHAPES,
                 conv::hopper_self_check,
-                &self.hopper_conv,
             ),
             (
                 attention::HOPPER_KERNEL,
-                "attention",
+                "attention wgmma",
+                attention::HOPPER_CHECK_SHAPES,
                 attention::hopper_self_check,
-                &self.hopper_attention,
             ),
         ];
-        let mut active = Vec::new();
-        for (kernel, what, check, flag) in hopper {
+        let mut checks = Vec::new();
+        for (kernel, what, shapes, check) in hopper {
             if !self.kernels.has(kernel) || crate::env::flag("SD21_WGMMA") == Some(false) {
                 continue;
             }
-            match check(self) {
-                Ok(()) => {
-                    flag.store(true, Ordering::Relaxed);
-                    active.push(what);
-                }
-                Err(e) => {
-                    // A kernel fault is sticky: the context is unusable, say what caused it.
-                    self.stream.synchronize().map_err(|sync| {
-                        Error::Backend(format!(
-                            "cuda:{ordinal}: the start-up check of the wgmma {what} broke the GPU \
-                             context ({e}; {sync}); set SD21_WGMMA=0 to skip the wgmma kernels"
-                        ))
-                    })?;
-                    tracing::warn!(
-                        "{}: the wgmma {what} failed its start-up check ({e}); using the \
-                         mma.sync kernel",
-                        self.description
-                    );
-                }
+            let started = std::time::Instant::now();
+            let outcome = check(self);
+            let row = CaseResult {
+                op: what,
+                role: Role::KernelChoice,
+                shape: format!("{shapes} vs mma.sync"),
+                error: outcome.as_ref().ok().copied(),
+                failure: outcome.as_ref().err().map(|e| e.to_string()),
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            if let Err(e) = &outcome {
+                // A kernel fault is sticky: the context is unusable, say what caused it.
+                self.stream.synchronize().map_err(|sync| {
+                    Error::Backend(format!(
+                        "cuda:{ordinal}: the start-up check of the {what} kernel broke the GPU \
+                         context ({e}; {sync}); set SD21_WGMMA=0 to skip the wgmma kernels"
+                    ))
+                })?;
+                tracing::warn!(
+                    "{}: the {what} kernel failed its start-up check ({e}); using the mma.sync \
+                     kernel",
+                    self.description
+                );
             }
+            checks.push(row);
         }
+        self.hopper_conv.store(
+            checks.iter().any(|c| c.op == "conv2d wgmma" && c.passed()),
+            Ordering::Relaxed,
+        );
+        self.hopper_attention.store(
+            checks
+                .iter()
+                .any(|c| c.op == "attention wgmma" && c.passed()),
+            Ordering::Relaxed,
+        );
+        let active: Vec<&str> = checks.iter().filter(|c| c.passed()).map(|c| c.op).collect();
         if !active.is_empty() {
-            let list = active.join(" + ");
-            self.description.push_str(&format!(", wgmma {list}"));
+            self.description
+                .push_str(&format!(", {}", active.join(" + ")));
         }
+        self.start_up_checks = checks;
         Ok(())
+    }
+
+    /// The wgmma kernels' start-up checks (empty off Hopper or with SD21_WGMMA=0), for the
+    /// self-test's report.
+    pub fn start_up_checks(&self) -> Vec<CaseResult> {
+        self.start_up_checks.clone()
     }
 
     /// The device's compute capability (major, minor).

@@ -222,7 +222,13 @@ fn direct(
 /// Runs the wgmma kernel and the portable one on the same random inputs (a plain conv with bias
 /// and residual, and one split over K) and errors unless they agree (relative L2 ≤ 1e-2, all
 /// finite): the CUDA backend uses the wgmma kernel only after this passed on its device.
-pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<()> {
+/// The shapes [`hopper_self_check`] compares at, for the self-test's table.
+pub(super) const HOPPER_CHECK_SHAPES: &str = "x [2, 9, 7, 64] → 72, [1, 4, 4, 512] → 64";
+
+/// The wgmma kernel against the portable one at [`HOPPER_CHECK_SHAPES`]: the largest relative
+/// L2 difference, or why they disagree.
+pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<f64> {
+    let mut worst = 0.0f64;
     let mut random = RandomTensors::new(be, 0x2545_f491_4f6c_dd1d);
     // (x, C_out): 2 × 9 × 7 × 64 → 72 (m and n edges); 1 × 4 × 4 × 512 → 64 (split over K).
     for (x_shape, c_out) in [([2, 9, 7, 64], 72), ([1, 4, 4, 512], 64)] {
@@ -236,14 +242,15 @@ pub(super) fn hopper_self_check(be: &CudaBackend) -> Result<()> {
             conv2d_with(be, igemm, op)
         };
         let (want, got) = (run(&IGEMM)?, run(&IGEMM_SM90)?);
-        agree(
+        let rel = agree(
             be,
             &got,
             &want,
             &format!("x {x_shape:?} → {c_out} channels"),
         )?;
+        worst = worst.max(rel);
     }
-    Ok(())
+    Ok(worst)
 }
 
 #[cfg(test)]
