@@ -7,8 +7,9 @@
 // threads on a std::barrier: each lane posts its operands, the warp waits, each lane computes its
 // own part of the result from everybody's operands following the PTX ISA's fragment layouts,
 // the warp waits again. cp.async lands as late as the ISA allows (at the wait_group that retires
-// it), so a missing wait or an early buffer reuse shows as a wrong result; other races between
-// threads are not looked for.
+// it), so a missing wait or an early buffer reuse shows as a wrong result; a wgmma that reads what
+// a cp.async wrote before its writer's fence.proxy.async and a barrier stops the run (see
+// chunk_state below); other races between threads are not looked for.
 //
 // The non-tensor-core helpers below are copies of kernels/common.cuh; keep them in step.
 #pragma once
@@ -23,6 +24,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -47,12 +49,33 @@ inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
 inline thread_local unsigned char *dyn_smem = nullptr;
 
+// Which 16-byte chunks of dynamic shared memory the async proxy (wgmma) may read: a chunk a
+// cp.async wrote is `written` until its writer runs fence.proxy.async (`fenced`), and visible
+// only after a barrier that follows the fence (PTX ISA: generic-proxy writes need
+// fence.proxy.async before async-proxy reads; the barrier orders them for the other threads).
+// emu/wgmma.cuh refuses to read a chunk that is not visible.
+enum : uint8_t { chunk_visible = 0, chunk_written = 1, chunk_fenced = 2 };
+inline std::unique_ptr<std::atomic<uint8_t>[]> chunk_state;
+inline size_t chunk_count = 0;
+inline std::mutex fenced_lock;
+inline std::vector<size_t> fenced_chunks;          // fenced since the last barrier
+inline thread_local std::vector<size_t> written_chunks;  // this thread's, not fenced yet
+
+// Barrier completion: what was fenced before it is visible after it.
+struct PublishFenced {
+    void operator()() noexcept {
+        std::lock_guard<std::mutex> guard(fenced_lock);
+        for (size_t c : fenced_chunks) chunk_state[c].store(chunk_visible);
+        fenced_chunks.clear();
+    }
+};
+
 struct Block {
     explicit Block(int threads)
-        : sync(threads), warps((threads + 31) / 32) {
+        : sync(threads, PublishFenced{}), warps((threads + 31) / 32) {
         for (auto &w : warps) w = std::make_unique<std::barrier<>>(32);
     }
-    std::barrier<> sync;
+    std::barrier<PublishFenced> sync;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     uint64_t slots[1024][16];  // per-thread mailbox for warp collectives
 };
@@ -82,6 +105,9 @@ void launch(dim3 grid, dim3 threads, size_t dyn_smem_bytes, F kernel) {
     block_dim = threads;
     const int n = threads.x * threads.y * threads.z;
     smem_storage.assign(dyn_smem_bytes + 16, 0xFF);  // poisoned
+    chunk_count = smem_storage.size() / 16 + 1;
+    chunk_state = std::make_unique<std::atomic<uint8_t>[]>(chunk_count);  // all visible
+    fenced_chunks.clear();
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -241,6 +267,15 @@ inline const bool cp_async_early = [] {
     return v != nullptr && std::strcmp(v, "early") == 0;
 }();
 
+// A cp.async landing in dynamic shared memory: written by this thread, not yet fenced.
+inline void mark_written(const unsigned char *dst) {
+    const auto off = dst - emu::dyn_smem;
+    if (emu::dyn_smem == nullptr || off < 0 || (size_t)off >= emu::smem_storage.size()) return;
+    const size_t chunk = (size_t)off / 16;
+    emu::chunk_state[chunk].store(emu::chunk_written);
+    emu::written_chunks.push_back(chunk);
+}
+
 SD21_DEV void cp_async16(void *dst, const void *src, bool valid) {
     if (((uintptr_t)dst & 15) != 0 || (valid && ((uintptr_t)src & 15) != 0)) {
         std::fprintf(stderr, "cp.async: misaligned 16-byte copy\n");
@@ -248,10 +283,12 @@ SD21_DEV void cp_async16(void *dst, const void *src, bool valid) {
     }
     AsyncCopy c{static_cast<unsigned char *>(dst), {}};
     if (valid) std::memcpy(c.bytes, src, 16);  // else zero-fill (src-size 0)
-    if (cp_async_early)
+    if (cp_async_early) {
         std::memcpy(c.dst, c.bytes, 16);
-    else
+        mark_written(c.dst);
+    } else {
         cp_async_open.push_back(c);
+    }
 }
 SD21_DEV void cp_async_commit() {
     cp_async_groups.push_back(std::move(cp_async_open));
@@ -261,7 +298,10 @@ SD21_DEV void cp_async_commit() {
 template <int N>
 SD21_DEV void cp_async_wait() {
     while (cp_async_groups.size() > size_t(N)) {
-        for (const AsyncCopy &c : cp_async_groups.front()) std::memcpy(c.dst, c.bytes, 16);
+        for (const AsyncCopy &c : cp_async_groups.front()) {
+            std::memcpy(c.dst, c.bytes, 16);
+            mark_written(c.dst);
+        }
         cp_async_groups.erase(cp_async_groups.begin());
     }
 }

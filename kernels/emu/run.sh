@@ -49,13 +49,20 @@ for mutation in swap_lbo_sbo flip_trans_b accumulator_map; do
         echo "ok   $mutation fails as it must ($(grep -c '^FAIL .*_sm90' "$work/$mutation.log") wgmma cases)"
     fi
 done
-# A thread whose wgmma differs from its warpgroup's must stop the run with the check's message.
-if SD21_EMU_MUTATION=non_uniform "$work/check" >"$work/non_uniform.log" 2>&1 ||
-    ! grep -q "the warpgroup's threads issued different wgmma groups" "$work/non_uniform.log"; then
-    echo "FAIL non_uniform: the warpgroup uniformity check did not stop the run"
-    tail -5 "$work/non_uniform.log"
-    status=1
-else
-    echo "ok   non_uniform stops the run as it must"
-fi
+# A thread whose wgmma differs from its warpgroup's, and a cp.async stage read by wgmma without
+# fence.proxy.async, must each stop the run with its check's message (in both cp.async modes).
+for case in "non_uniform:the warpgroup's threads issued different wgmma groups" \
+    "skip_proxy_fence:no fence.proxy.async by its writer"; do
+    mutation="${case%%:*}" message="${case#*:}"
+    for mode in late early; do
+        if SD21_EMU_MUTATION="$mutation" SD21_EMU_CP_ASYNC="$mode" "$work/check" >"$work/$mutation.log" 2>&1 ||
+            ! grep -q "$message" "$work/$mutation.log"; then
+            echo "FAIL $mutation ($mode cp.async): the check did not stop the run"
+            tail -3 "$work/$mutation.log"
+            status=1
+        else
+            echo "ok   $mutation ($mode cp.async) stops the run as it must"
+        fi
+    done
+done
 exit "$status"

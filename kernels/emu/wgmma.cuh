@@ -12,8 +12,8 @@
 // swap_lbo_sbo (the descriptor's two strides exchanged), flip_trans_b (imm-trans-b inverted) or
 // accumulator_map (the roles of e/2 and e%2 in the accumulator layout exchanged). Each must make
 // the wgmma cases fail; if one ever passes, the emulator has stopped checking that reading.
-// non_uniform makes one thread's B descriptor differ from its warpgroup's, which the check
-// below must catch.
+// non_uniform makes one thread's B descriptor differ from its warpgroup's, and skip_proxy_fence
+// makes fence.proxy.async do nothing: the checks below must catch both.
 //
 // All 128 threads of a warpgroup must issue the same wgmma sequence with the same descriptors
 // and flags (the instruction is warpgroup-collective): each committed group's signature is
@@ -31,7 +31,7 @@
 
 namespace sd21 {
 
-enum class EmuMutation { None, SwapLboSbo, FlipTransB, AccumulatorMap, NonUniform };
+enum class EmuMutation { None, SwapLboSbo, FlipTransB, AccumulatorMap, NonUniform, SkipProxyFence };
 
 inline EmuMutation emu_mutation() {
     static const EmuMutation m = [] {
@@ -41,6 +41,7 @@ inline EmuMutation emu_mutation() {
         if (!std::strcmp(v, "flip_trans_b")) return EmuMutation::FlipTransB;
         if (!std::strcmp(v, "accumulator_map")) return EmuMutation::AccumulatorMap;
         if (!std::strcmp(v, "non_uniform")) return EmuMutation::NonUniform;
+        if (!std::strcmp(v, "skip_proxy_fence")) return EmuMutation::SkipProxyFence;
         std::fprintf(stderr, "unknown SD21_EMU_MUTATION=%s\n", v);
         std::abort();
     }();
@@ -68,7 +69,17 @@ SD21_DEV uint64_t wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
            (uint64_t((sbo >> 4) & 0x3FFF) << 32);
 }
 
-SD21_DEV void fence_proxy_async() {}
+// This thread's cp.async writes become visible to wgmma after the next barrier.
+SD21_DEV void fence_proxy_async() {
+    if (emu_mutation() == EmuMutation::SkipProxyFence) return;
+    std::lock_guard<std::mutex> guard(emu::fenced_lock);
+    for (size_t c : emu::written_chunks)
+        if (emu::chunk_state[c].load() == emu::chunk_written) {
+            emu::chunk_state[c].store(emu::chunk_fenced);
+            emu::fenced_chunks.push_back(c);
+        }
+    emu::written_chunks.clear();
+}
 SD21_DEV void wgmma_fence() {}
 
 struct WgmmaOp {
@@ -169,6 +180,13 @@ inline float wgmma_operand(uint64_t desc, int row, int k, bool mn_major) {
                  : start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
     if (off + 2 > emu::smem_storage.size()) {
         std::fprintf(stderr, "wgmma: operand element outside shared memory\n");
+        std::abort();
+    }
+    if (emu::chunk_state[off / 16].load() != emu::chunk_visible) {
+        std::fprintf(stderr,
+                     "wgmma: read shared memory (byte %zu) that a cp.async wrote with no "
+                     "fence.proxy.async by its writer and barrier since\n",
+                     off);
         std::abort();
     }
     __half h;
