@@ -49,10 +49,12 @@ for mutation in swap_lbo_sbo flip_trans_b accumulator_map; do
         echo "ok   $mutation fails as it must ($(grep -c '^FAIL .*_sm90' "$work/$mutation.log") wgmma cases)"
     fi
 done
-# A thread whose wgmma differs from its warpgroup's, and a cp.async stage read by wgmma without
-# fence.proxy.async, must each stop the run with its check's message (in both cp.async modes).
+# A thread whose wgmma differs from its warpgroup's, a cp.async stage read by wgmma without
+# fence.proxy.async, and an accumulator changed between the fence and its wgmma must each stop
+# the run with its check's message (in both cp.async modes).
 for case in "non_uniform:the warpgroup's threads issued different wgmma groups" \
-    "skip_proxy_fence:no fence.proxy.async by its writer"; do
+    "skip_proxy_fence:no fence.proxy.async by its writer" \
+    "write_after_fence:registers changed between wgmma.fence"; do
     mutation="${case%%:*}" message="${case#*:}"
     for mode in late early; do
         if SD21_EMU_MUTATION="$mutation" SD21_EMU_CP_ASYNC="$mode" "$work/check" >"$work/$mutation.log" 2>&1 ||

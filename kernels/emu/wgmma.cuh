@@ -12,8 +12,13 @@
 // swap_lbo_sbo (the descriptor's two strides exchanged), flip_trans_b (imm-trans-b inverted) or
 // accumulator_map (the roles of e/2 and e%2 in the accumulator layout exchanged). Each must make
 // the wgmma cases fail; if one ever passes, the emulator has stopped checking that reading.
-// non_uniform makes one thread's B descriptor differ from its warpgroup's, and skip_proxy_fence
-// makes fence.proxy.async do nothing: the checks below must catch both.
+// non_uniform makes one thread's B descriptor differ from its warpgroup's, skip_proxy_fence
+// makes fence.proxy.async do nothing, and write_after_fence changes an accumulator between the
+// fence and its wgmma: the checks below must catch each.
+//
+// Registers a wgmma uses must not change between wgmma_fence and the wgmma (PTX ISA): the kernels
+// pin them with fence_operand before the fence, which here records their values; the fence arms
+// the records, and a wgmma whose accumulators or A registers differ from theirs aborts.
 //
 // All 128 threads of a warpgroup must issue the same wgmma sequence with the same descriptors
 // and flags (the instruction is warpgroup-collective): each committed group's signature is
@@ -31,7 +36,15 @@
 
 namespace sd21 {
 
-enum class EmuMutation { None, SwapLboSbo, FlipTransB, AccumulatorMap, NonUniform, SkipProxyFence };
+enum class EmuMutation {
+    None,
+    SwapLboSbo,
+    FlipTransB,
+    AccumulatorMap,
+    NonUniform,
+    SkipProxyFence,
+    WriteAfterFence,
+};
 
 inline EmuMutation emu_mutation() {
     static const EmuMutation m = [] {
@@ -42,6 +55,7 @@ inline EmuMutation emu_mutation() {
         if (!std::strcmp(v, "accumulator_map")) return EmuMutation::AccumulatorMap;
         if (!std::strcmp(v, "non_uniform")) return EmuMutation::NonUniform;
         if (!std::strcmp(v, "skip_proxy_fence")) return EmuMutation::SkipProxyFence;
+        if (!std::strcmp(v, "write_after_fence")) return EmuMutation::WriteAfterFence;
         std::fprintf(stderr, "unknown SD21_EMU_MUTATION=%s\n", v);
         std::abort();
     }();
@@ -70,6 +84,42 @@ SD21_DEV uint64_t wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
 }
 
 // This thread's cp.async writes become visible to wgmma after the next barrier.
+// fence_operand's records: (first register's address, its values), armed by wgmma_fence.
+struct PinnedRegisters {
+    const void *address;
+    std::vector<uint32_t> bits;
+};
+inline thread_local std::vector<PinnedRegisters> pinned;
+inline thread_local bool pinned_armed = false;
+
+template <int N, typename T>
+SD21_DEV void fence_operand(T (&r)[N]) {
+    static_assert(sizeof(T) == 4);
+    PinnedRegisters p{r, std::vector<uint32_t>(N)};
+    std::memcpy(p.bits.data(), r, sizeof(T) * N);
+    if (pinned_armed) {  // after a wait: a new pin for the next fence
+        pinned.clear();
+        pinned_armed = false;
+    }
+    pinned.push_back(std::move(p));
+}
+
+// At a wgmma: the registers `r` must hold what fence_operand recorded before the fence.
+template <typename T>
+inline void check_unchanged(const T *r, int n, const char *what) {
+    if (!pinned_armed) return;
+    for (const PinnedRegisters &p : pinned) {
+        if (p.address != r) continue;
+        if ((int)p.bits.size() != n || std::memcmp(p.bits.data(), r, 4 * n) != 0) {
+            std::fprintf(stderr,
+                         "wgmma: %s registers changed between wgmma.fence and the wgmma that "
+                         "uses them (thread %u)\n",
+                         what, threadIdx.x);
+            std::abort();
+        }
+    }
+}
+
 SD21_DEV void fence_proxy_async() {
     if (emu_mutation() == EmuMutation::SkipProxyFence) return;
     std::lock_guard<std::mutex> guard(emu::fenced_lock);
@@ -80,7 +130,7 @@ SD21_DEV void fence_proxy_async() {
         }
     emu::written_chunks.clear();
 }
-SD21_DEV void wgmma_fence() {}
+SD21_DEV void wgmma_fence() { pinned_armed = true; }
 
 struct WgmmaOp {
     int n;             // N of m64nNk16
@@ -94,21 +144,37 @@ struct WgmmaOp {
 inline thread_local std::vector<WgmmaOp> wgmma_open;
 inline thread_local std::vector<std::vector<WgmmaOp>> wgmma_groups;  // oldest first
 
+// write_after_fence: the first wgmma after a fence finds an accumulator changed.
+inline void inject_write_after_fence(float *d) {
+    thread_local bool done = false;
+    if (emu_mutation() == EmuMutation::WriteAfterFence && pinned_armed && !done) {
+        for (const PinnedRegisters &p : pinned)
+            if (p.address == d) {
+                d[0] += 1.0f;
+                done = true;
+            }
+    }
+}
+
 SD21_DEV void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+    inject_write_after_fence(d);
+    check_unchanged(d, 64, "accumulator");
     wgmma_open.push_back({128, a, b, false, {}, false, d, scale_d != 0});
 }
 
 SD21_DEV void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b, int scale_d) {
+    inject_write_after_fence(d);
+    check_unchanged(d, 32, "accumulator");
     wgmma_open.push_back({64, a, b, false, {}, false, d, scale_d != 0});
 }
 
-// Register pinning has no meaning on the CPU.
-template <int N, typename T>
-SD21_DEV void fence_operand(T (&)[N]) {}
 
 // A from registers: the warp's lanes exchange their fragments (mma.sync's m16n8k16 A layout) so
 // each thread keeps its rows g and g + 8 whole.
 SD21_DEV void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    inject_write_after_fence(d);
+    check_unchanged(d, 32, "accumulator");
+    check_unchanged(a, 4, "A");
     const int l = emu::lane();
     uint64_t *box = emu::mailbox(l);
     for (int i = 0; i < 4; ++i) box[i] = a[i];
