@@ -3,8 +3,8 @@
 # no Rust toolchain): `cargo test --release --no-run` with every kernel compiled (nvcc from
 # scripts/install-nvcc.sh unless NVCC is set; SD21_REQUIRE_CUDA=1), then copies each test
 # executable, stripped, into the git-ignored folder .gpu-bin/ with a BUILD.txt saying what was
-# built from what, and the release sd21-bench beside them (gpu-check.sh runs its kernel and
-# pipeline benchmarks), plus the wheels of diffusers (pure Python) in .gpu-bin/wheels/: the GPU
+# built from what, and the release sd21 (gpu-check.sh runs `sd21 selftest`) and sd21-bench
+# beside them (gpu-check.sh runs its kernel and pipeline benchmarks), plus the wheels of diffusers (pure Python) in .gpu-bin/wheels/: the GPU
 # machines have PyTorch and transformers but not diffusers, and cannot download (gpu-check.sh unpacks
 # them when its Python lacks diffusers, so sd21 is timed side by side with diffusers there). Carry
 # that folder with the run: `carry: [".gpu-bin"]`.
@@ -30,11 +30,13 @@ json="$(mktemp)"
 trap 'rm -f "$json"' EXIT
 echo "build-gpu-bin: cargo test --release --no-run ${args[*]} (NVCC=$NVCC)" >&2
 cargo test --release --no-run "${args[@]}" --message-format=json-render-diagnostics >"$json"
-echo "build-gpu-bin: cargo build --release --bin sd21-bench" >&2
-cargo build --release --bin sd21-bench
-cp target/release/sd21-bench "$out/sd21-bench"
-strip "$out/sd21-bench"
-echo "build-gpu-bin: $out/sd21-bench ($(du -h "$out/sd21-bench" | cut -f1))" >&2
+echo "build-gpu-bin: cargo build --release --bin sd21-bench --bin sd21" >&2
+cargo build --release --bin sd21-bench --bin sd21
+for b in sd21-bench sd21; do
+    cp "target/release/$b" "$out/$b"
+    strip "$out/$b"
+    echo "build-gpu-bin: $out/$b ($(du -h "$out/$b" | cut -f1))" >&2
+done
 
 # diffusers for the side-by-side reference (torch_reference.py pins it; importlib_metadata is its
 # one dependency those machines lack). Without network here the check times sd21 alone.
@@ -79,7 +81,7 @@ done
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), glibc $(ldd --version | head -n1 | awk '{print $NF}')"
     echo "nvcc: $("$NVCC" --version | grep release)"
     echo "archs: ${SD21_CUDA_ARCHS:-80,86,89,90 (default)}"
-    echo "targets: ${targets[*]} + sd21-bench"
+    echo "targets: ${targets[*]} + sd21 + sd21-bench"
     echo "wheels: $(cd "$wheels" && ls ./*.whl 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')"
 } >"$out/BUILD.txt"
 

@@ -13,6 +13,9 @@
 # - cuBLAS 13 lives inside PyPI packages on those machines (e.g. under /opt/torch/.venv), not on
 #   the loader path: libcublas.so.13 and libcublasLt.so.13 are searched for and their folders put
 #   on LD_LIBRARY_PATH (SD21_CUBLAS_DIR names a folder to try first).
+# - First `sd21 selftest --device cuda` (the start-up self-test as a user runs it; reported as
+#   `sd21_selftest`, table in $OUT/selftest.txt; a failure is reported, and the tests below
+#   then say which kernel is wrong).
 # - The tests include the start-up self-test (`the_start_up_self_test_passes_on_this_gpu`, what
 #   `sd21 selftest --device cuda` prints; its table lands in the report as `selftest`) and a
 #   full-size 768² VAE decode checked for finite pixels. Then, where compute-sanitizer exists,
@@ -65,7 +68,8 @@ write_report() {
     if command -v python3 >/dev/null 2>&1; then
         STATUS="$status" MESSAGE="$message" CODE="$code" STARTED="$started" GPU="$gpu_info" \
             CUBLAS="$cublas_dir" LOG="$log" RERUN_LOG="${rerun_log:-}" BUILD=.gpu-bin/BUILD.txt OUTDIR="$out" \
-            BENCH_STATUS="$bench_status" SANITIZER="${sanitizer_summary:-not run}" python3 - >"$report" <<'PY'
+            BENCH_STATUS="$bench_status" SANITIZER="${sanitizer_summary:-not run}" \
+            SELFTEST="${selftest_status:-not run}" python3 - >"$report" <<'PY'
 import json, os, re
 def read_json(name):
     path = os.path.join(os.environ["OUTDIR"], name)
@@ -134,6 +138,11 @@ print(json.dumps({
     **parse(os.environ["LOG"]),
     "rerun_without_wgmma_and_graphs": parse(rerun) if rerun else None,
     "sanitizer": os.environ["SANITIZER"],
+    "sd21_selftest": {
+        "status": os.environ["SELFTEST"],
+        "table": (open(os.path.join(os.environ["OUTDIR"], "selftest.txt"), errors="replace").read().splitlines()
+                  if os.path.exists(os.path.join(os.environ["OUTDIR"], "selftest.txt")) else []),
+    },
     "benchmarks": {
         "status": os.environ["BENCH_STATUS"],
         "kernels": read_json("kernels.json"),
@@ -196,6 +205,19 @@ if [ "$probe" = 1 ]; then
     export LD_LIBRARY_PATH="$cublas_dir:$cublaslt_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "gpu-check: cuBLAS from $cublas_dir" >&2
     export SD21_EXPECT_GPU=1
+fi
+
+# 3b. The start-up self-test as a user runs it (`sd21 selftest`: every op family against the CPU
+#     backend, the wgmma kernels against the portable ones), its table in $OUT/selftest.txt.
+selftest_status="not run: no .gpu-bin/sd21 (scripts/build-gpu-bin.sh builds it)"
+if [ -x .gpu-bin/sd21 ]; then
+    selftest_device=cuda
+    [ "$probe" = 0 ] && selftest_device=cpu
+    echo "gpu-check: sd21 selftest --device $selftest_device" >&2
+    timeout "$(limit 120)" .gpu-bin/sd21 selftest --device "$selftest_device" >"$out/selftest.txt" 2>&1
+    selftest_rc=$?
+    cat "$out/selftest.txt" >&2
+    selftest_status="exit $selftest_rc (--device $selftest_device; $out/selftest.txt)"
 fi
 
 # 4. The tests.
