@@ -187,6 +187,27 @@ extern "C" __global__ void upsample_nearest_f16(const __half *__restrict__ x,
     }
 }
 
+// Zero padding, NHWC: output element (b, oy, ox, c) is input (b, oy − top, ox − left, c) where
+// that lies inside the input, else 0.
+extern "C" __global__ void pad_f16(const __half *__restrict__ x, __half *__restrict__ y,
+                                   PadParams p) {
+    const long long n = (long long)p.batch * p.out_h * p.out_w * p.channels;
+    FOR_EACH_CHUNK(n) {
+        for (long long i = base; i < n && i < base + 8; ++i) {
+            const int c = (int)(i % p.channels);
+            long long rest = i / p.channels;
+            const int ox = (int)(rest % p.out_w);
+            rest /= p.out_w;
+            const int oy = (int)(rest % p.out_h);
+            const long long b = rest / p.out_h;
+            const int sy = oy - p.top, sx = ox - p.left;
+            const bool inside = sy >= 0 && sy < p.in_h && sx >= 0 && sx < p.in_w;
+            y[i] = inside ? x[((b * p.in_h + sy) * p.in_w + sx) * p.channels + c]
+                          : __float2half_rn(0.0f);
+        }
+    }
+}
+
 // y [rows, ca + cb] = [a [rows, ca] | b [rows, cb]].
 extern "C" __global__ void concat_channels_f16(const __half *__restrict__ a,
                                                const __half *__restrict__ b,

@@ -79,4 +79,15 @@ typedef struct UpsampleParams {
     float scale_w;
 } UpsampleParams;
 
+typedef struct PadParams {
+    int batch;
+    int in_h;
+    int in_w;
+    int out_h;
+    int out_w;
+    int channels;
+    int top;
+    int left;
+} PadParams;
+
 #endif /* SD21_PARAMS_H */

@@ -180,6 +180,9 @@ impl Compute for Sabotaged {
     fn upsample_nearest(&self, op: contract::UpsampleNearest<'_, CpuTensor>) -> Result<CpuTensor> {
         Compute::upsample_nearest(&self.cpu, op)
     }
+    fn pad(&self, op: contract::Pad<'_, CpuTensor>) -> Result<CpuTensor> {
+        Compute::pad(&self.cpu, op)
+    }
     fn concat_channels(&self, op: contract::ConcatChannels<'_, CpuTensor>) -> Result<CpuTensor> {
         Compute::concat_channels(&self.cpu, op)
     }

@@ -623,6 +623,33 @@ fn add_per_channel_matches_cpu() {
 
 #[test]
 fn upsample_concat_embedding_match_cpu() {
+    {
+        let g = gpu_or_skip!();
+        let mut rng = Rng::new(31);
+        for (shape, padding) in [
+            (
+                [1, 6, 5, 8],
+                sd21::backend::Padding {
+                    bottom: 1,
+                    right: 1,
+                    ..Default::default()
+                },
+            ),
+            (
+                [2, 3, 4, 3],
+                sd21::backend::Padding {
+                    top: 2,
+                    bottom: 1,
+                    left: 1,
+                    right: 0,
+                },
+            ),
+        ] {
+            let x = rng.tensor(&shape, 1.0);
+            compare!(format!("pad {shape:?} {padding:?}"), g, [x = x], |be| be
+                .pad(&x, padding));
+        }
+    }
     let g = gpu_or_skip!();
     let mut rng = Rng::new(16);
     // (x shape, out_h, out_w)

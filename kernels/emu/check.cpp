@@ -327,6 +327,23 @@ void elementwise_cases(Rng &rng) {
                    "x" + std::to_string(u.ow) + " C" + std::to_string(u.c),
                out, want);
     }
+    // zero padding (the VAE encoder's downsamplers pad bottom and right by one)
+    struct Pad { int b, h, w, c, top, bottom, left, right; };
+    for (Pad q : {Pad{1, 5, 4, 3, 0, 1, 0, 1}, Pad{2, 3, 6, 8, 2, 1, 1, 0}}) {
+        const int oh = q.h + q.top + q.bottom, ow = q.w + q.left + q.right;
+        auto x = rand_half(rng, (size_t)q.b * q.h * q.w * q.c, 1.0f);
+        auto out = poisoned((size_t)q.b * oh * ow * q.c);
+        PadParams p{q.b, q.h, q.w, oh, ow, q.c, q.top, q.left};
+        emu::launch(chunk_grid(out.size()), {256, 1, 1}, 0, [&] { pad_f16(x.data(), out.data(), p); });
+        std::vector<double> want(out.size(), 0.0);
+        for (int bi = 0; bi < q.b; ++bi)
+            for (int y = 0; y < q.h; ++y)
+                for (int xx = 0; xx < q.w; ++xx)
+                    for (int c = 0; c < q.c; ++c)
+                        want[(((size_t)bi * oh + y + q.top) * ow + xx + q.left) * q.c + c] =
+                            f(x[(((size_t)bi * q.h + y) * q.w + xx) * q.c + c]);
+        report("pad " + std::to_string(q.h) + "x" + std::to_string(q.w) + " C" + std::to_string(q.c), out, want);
+    }
     // concat
     for (auto [ca, cb] : {std::pair{8, 16}, std::pair{5, 7}}) {
         const int rows = 3;

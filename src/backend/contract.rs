@@ -536,6 +536,68 @@ pub fn add_per_channel<'a, T: Tensor>(x: &'a T, v: &'a T) -> Result<AddPerChanne
     })
 }
 
+/// Zero padding of an NHWC tensor's two spatial dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Padding {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+/// Checked `pad`: `x [batch, in_h, in_w, channels]` → `[batch, in_h + top + bottom, in_w + left +
+/// right, channels]`.
+pub struct Pad<'a, T> {
+    pub x: &'a T,
+    pub batch: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub channels: usize,
+    pub padding: Padding,
+    pub out_h: usize,
+    pub out_w: usize,
+    /// Only this module builds checked arguments.
+    _checked: Checked,
+}
+
+impl<T> Pad<'_, T> {
+    pub fn out_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.out_h, self.out_w, self.channels]
+    }
+}
+
+pub fn pad<T: Tensor>(x: &T, padding: Padding) -> Result<Pad<'_, T>> {
+    const OP: &str = "pad";
+    let [batch, in_h, in_w, channels] = x.shape()[..] else {
+        return Err(Error::shape(
+            OP,
+            format!("x must be [B, H, W, C], got {:?}", x.shape()),
+        ));
+    };
+    let grow = |size: usize, a: usize, b: usize| size.checked_add(a)?.checked_add(b);
+    let (Some(out_h), Some(out_w)) = (
+        grow(in_h, padding.top, padding.bottom),
+        grow(in_w, padding.left, padding.right),
+    ) else {
+        return Err(Error::too_large(
+            OP,
+            format!("padding {padding:?} overflows"),
+        ));
+    };
+    output_numel(OP, &[batch, out_h, out_w, channels])?;
+    Ok(Pad {
+        x,
+        batch,
+        in_h,
+        in_w,
+        channels,
+        padding,
+        out_h,
+        out_w,
+        _checked: Checked,
+    })
+}
+
 /// Checked `upsample_nearest`: `x [batch, in_h, in_w, channels]` → `[batch, out_h, out_w,
 /// channels]`, every spatial size positive.
 pub struct UpsampleNearest<'a, T> {

@@ -11,7 +11,7 @@ pub mod cuda;
 mod device;
 pub mod selftest;
 
-pub use contract::{Activation, Mask, Tensor};
+pub use contract::{Activation, Mask, Padding, Tensor};
 pub use device::{Device, OpenedBackend};
 
 use crate::tensor::HostTensor;
@@ -112,6 +112,8 @@ pub trait Backend: Send + Sync {
         out_h: usize,
         out_w: usize,
     ) -> Result<Self::Tensor>;
+    /// Zero padding of `x [B, H, W, C]` → `[B, H + top + bottom, W + left + right, C]`.
+    fn pad(&self, x: &Self::Tensor, padding: Padding) -> Result<Self::Tensor>;
     /// Concatenation on the last (channel) dimension: `[.., Ca]`, `[.., Cb]` → `[.., Ca + Cb]`.
     fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// Row gather: `table [V, D]`, `ids` → `[ids.len(), D]`; an id ≥ V is an error.
@@ -148,6 +150,7 @@ pub trait Compute: Send + Sync {
         &self,
         op: contract::UpsampleNearest<'_, Self::Tensor>,
     ) -> Result<Self::Tensor>;
+    fn pad(&self, op: contract::Pad<'_, Self::Tensor>) -> Result<Self::Tensor>;
     fn concat_channels(
         &self,
         op: contract::ConcatChannels<'_, Self::Tensor>,
@@ -255,6 +258,10 @@ impl<C: Compute> Backend for C {
 
     fn upsample_nearest(&self, x: &C::Tensor, out_h: usize, out_w: usize) -> Result<C::Tensor> {
         Compute::upsample_nearest(self, contract::upsample_nearest(x, out_h, out_w)?)
+    }
+
+    fn pad(&self, x: &C::Tensor, padding: Padding) -> Result<C::Tensor> {
+        Compute::pad(self, contract::pad(x, padding)?)
     }
 
     fn concat_channels(&self, a: &C::Tensor, b: &C::Tensor) -> Result<C::Tensor> {

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use super::cpu::CpuBackend;
-use super::{Activation, Backend, Mask};
+use super::{Activation, Backend, Mask, Padding};
 use crate::random::SeededRng;
 use crate::tensor::HostTensor;
 use crate::Result;
@@ -296,6 +296,16 @@ fn cases_for<B: Backend>() -> Vec<(&'static str, Shapes, Run<B>, Run<CpuBackend>
         ),
         case!("upsample_nearest", [([1, 3, 5, 6], 1.0)], |be, t| {
             be.upsample_nearest(&t[0], 6, 10)
+        }),
+        // The VAE encoder's downsampler padding (bottom and right by one), and all four sides.
+        case!("pad", [([2, 3, 5, 6], 1.0)], |be, t| {
+            let padding = Padding {
+                top: 1,
+                bottom: 2,
+                left: 0,
+                right: 1,
+            };
+            be.pad(&t[0], padding)
         }),
         case!(
             "concat_channels",

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::{math, CpuTensor};
 use crate::backend::contract::{
-    Add, AddPerChannel, ConcatChannels, Embedding, Geglu, UpsampleNearest,
+    Add, AddPerChannel, ConcatChannels, Embedding, Geglu, Pad, UpsampleNearest,
 };
 
 /// Elements per rayon task for flat elementwise ops (64 KiB of f32: big enough to amortise the
@@ -97,6 +97,27 @@ pub(super) fn geglu(op: Geglu<'_, CpuTensor>) -> CpuTensor {
     tensor(op.out_shape, out)
 }
 
+/// Zero padding of `x [B, H, W, C]` (see [`Pad`]).
+pub(super) fn pad(op: Pad<'_, CpuTensor>) -> CpuTensor {
+    let (x, h, w, c) = (op.x, op.in_h, op.in_w, op.channels);
+    let (out_h, out_w, p) = (op.out_h, op.out_w, op.padding);
+    let out_shape = op.out_shape();
+    let mut out = vec![0.0f32; out_shape.iter().product()];
+    let row = out_w * c;
+    if row > 0 && w * c > 0 {
+        let xd = x.data();
+        out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
+            let (bi, oy) = (r / out_h, r % out_h);
+            let Some(iy) = oy.checked_sub(p.top).filter(|&iy| iy < h) else {
+                return; // a padding row stays zero
+            };
+            let src = &xd[(bi * h + iy) * w * c..][..w * c];
+            o[p.left * c..][..w * c].copy_from_slice(src);
+        });
+    }
+    tensor(out_shape, out)
+}
+
 /// PyTorch `nearest` resize of `x [B, H, W, C]` to `[B, out_h, out_w, C]`.
 pub(super) fn upsample_nearest(op: UpsampleNearest<'_, CpuTensor>) -> CpuTensor {
     let (x, h, w, c) = (op.x, op.in_h, op.in_w, op.channels);
@@ -155,7 +176,7 @@ pub(super) fn embedding(op: Embedding<'_, CpuTensor>) -> CpuTensor {
 #[cfg(test)]
 mod tests {
     use super::super::testutil::{assert_close, Rng};
-    use super::super::CpuBackend;
+    use super::super::{CpuBackend, CpuTensor};
     use crate::backend::{Backend, Tensor};
 
     fn f64s(x: &[f32]) -> Vec<f64> {
@@ -264,6 +285,42 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn pad_places_the_input_and_zeroes_the_rest() {
+        use crate::backend::Padding;
+        let be = CpuBackend::new();
+        // x [1, 2, 2, 1] = [[1, 2], [3, 4]]: bottom and right by one (the VAE encoder's).
+        let x = CpuTensor::new(vec![1, 2, 2, 1], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let pad = Padding {
+            bottom: 1,
+            right: 1,
+            ..Padding::default()
+        };
+        let got = be.pad(&x, pad).unwrap();
+        assert_eq!(got.shape(), &[1, 3, 3, 1]);
+        assert_eq!(got.data(), &[1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+        let all = Padding {
+            top: 1,
+            bottom: 0,
+            left: 2,
+            right: 0,
+        };
+        let got = be.pad(&x, all).unwrap();
+        assert_eq!(got.shape(), &[1, 3, 4, 1]);
+        assert_eq!(
+            got.data(),
+            &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 3.0, 4.0]
+        );
+        assert!(be
+            .pad(&CpuTensor::new(vec![4], vec![0.0; 4]).unwrap(), pad)
+            .is_err());
+        let huge = Padding {
+            bottom: usize::MAX,
+            ..Padding::default()
+        };
+        assert!(be.pad(&x, huge).is_err());
     }
 
     #[test]

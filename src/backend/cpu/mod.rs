@@ -167,6 +167,10 @@ impl Compute for CpuBackend {
         Ok(elementwise::upsample_nearest(op))
     }
 
+    fn pad(&self, op: contract::Pad<'_, CpuTensor>) -> Result<CpuTensor> {
+        Ok(elementwise::pad(op))
+    }
+
     fn concat_channels(&self, op: contract::ConcatChannels<'_, CpuTensor>) -> Result<CpuTensor> {
         Ok(elementwise::concat_channels(op))
     }

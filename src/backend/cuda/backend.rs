@@ -556,6 +556,10 @@ impl Compute for CudaBackend {
         self.op_done("upsample_nearest", elementwise::upsample_nearest(self, op))
     }
 
+    fn pad(&self, op: contract::Pad<'_, CudaTensor>) -> Result<CudaTensor> {
+        self.op_done("pad", elementwise::pad(self, op))
+    }
+
     fn concat_channels(&self, op: contract::ConcatChannels<'_, CudaTensor>) -> Result<CudaTensor> {
         self.op_done("concat_channels", elementwise::concat_channels(self, op))
     }

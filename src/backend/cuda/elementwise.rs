@@ -6,11 +6,10 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::f16;
 
 use super::backend::{CudaBackend, CudaTensor};
-use super::kernels::{
-    chunked_config, driver_error, launch_error, params::UpsampleParams, to_i32, to_i64,
-};
+use super::kernels::params::{PadParams, UpsampleParams};
+use super::kernels::{chunked_config, driver_error, launch_error, to_i32, to_i64};
 use crate::backend::contract::{
-    Add, AddPerChannel, ConcatChannels, Embedding, Geglu, UpsampleNearest,
+    Add, AddPerChannel, ConcatChannels, Embedding, Geglu, Pad, UpsampleNearest,
 };
 use crate::{Error, Result};
 
@@ -200,6 +199,35 @@ pub(super) fn upsample_nearest(
         launch.arg(x.data.as_ref()).arg(&mut out).arg(&p);
         // SAFETY: upsample_nearest_f16(const __half* x, __half* y, UpsampleParams p): y holds
         // B·out_h·out_w·C f16, x B·H·W·C; source rows/columns are clamped to H−1/W−1.
+        unsafe { launch.launch(chunked_config(n)) }.map_err(launch_error(K))?;
+        be.after_launch(K)?;
+    }
+    Ok(CudaTensor::new(shape, out))
+}
+
+/// Zero padding of `x [B, H, W, C]` (see [`Pad`]).
+pub(super) fn pad(be: &CudaBackend, op: Pad<'_, CudaTensor>) -> Result<CudaTensor> {
+    const OP: &str = "pad";
+    const K: &str = "pad_f16";
+    let shape = op.out_shape();
+    let n = shape.iter().product();
+    let mut out = be.alloc_f16(OP, n)?;
+    if n > 0 {
+        let p = PadParams {
+            batch: to_i32(OP, "batch", op.batch)?,
+            in_h: to_i32(OP, "H", op.in_h)?,
+            in_w: to_i32(OP, "W", op.in_w)?,
+            out_h: to_i32(OP, "out_h", op.out_h)?,
+            out_w: to_i32(OP, "out_w", op.out_w)?,
+            channels: to_i32(OP, "C", op.channels)?,
+            top: to_i32(OP, "top", op.padding.top)?,
+            left: to_i32(OP, "left", op.padding.left)?,
+        };
+        let f = be.kernels.get(K)?;
+        let mut launch = be.stream.launch_builder(f);
+        launch.arg(op.x.data.as_ref()).arg(&mut out).arg(&p);
+        // SAFETY: pad_f16(const __half* x, __half* y, PadParams p): y holds
+        // B·out_h·out_w·C f16; x B·H·W·C, read only at (oy − top, ox − left) inside [0, H)×[0, W).
         unsafe { launch.launch(chunked_config(n)) }.map_err(launch_error(K))?;
         be.after_launch(K)?;
     }

@@ -27,6 +27,7 @@ pub(super) mod params {
     unsafe impl cudarc::driver::DeviceRepr for GroupNormParams {}
     unsafe impl cudarc::driver::DeviceRepr for LayerNormParams {}
     unsafe impl cudarc::driver::DeviceRepr for UpsampleParams {}
+    unsafe impl cudarc::driver::DeviceRepr for PadParams {}
 }
 
 /// One line for logs: nvcc version, architectures, fatbin size, compile time.

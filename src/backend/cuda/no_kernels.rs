@@ -109,6 +109,9 @@ impl Compute for CudaBackend {
     fn upsample_nearest(&self, _: contract::UpsampleNearest<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
+    fn pad(&self, _: contract::Pad<'_, CudaTensor>) -> Result<CudaTensor> {
+        match self.never {}
+    }
     fn concat_channels(&self, _: contract::ConcatChannels<'_, CudaTensor>) -> Result<CudaTensor> {
         match self.never {}
     }
