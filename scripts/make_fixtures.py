@@ -407,6 +407,21 @@ def ref_vae(pipe):
     save_st("vae.safetensors", out)
 
 
+def ref_vae_encoder(pipe):
+    """AutoencoderKL.encode: the posterior's mean and std, and one sample from a seeded generator
+    (diffusers' retrieve_latents(..., sample_mode="sample") before the scaling factor)."""
+    g = torch.Generator("cpu").manual_seed(300)
+    out = {}
+    for case, (h, w) in (("a", (32, 40)), ("b", (24, 16))):
+        image = torch.rand(1, 3, h, w, generator=g) * 2 - 1
+        with torch.no_grad():
+            dist = pipe.vae.encode(image).latent_dist
+        sample = dist.sample(torch.Generator("cpu").manual_seed(301))
+        out.update({f"{case}_image": image, f"{case}_mean": dist.mean, f"{case}_std": dist.std,
+                    f"{case}_sample_seed301": sample})
+    save_st("vae_encoder.safetensors", out)
+
+
 LATENT_SEEDS = [0, 1, 42, 208513106212, 4294967296 + 7, 18446744073709551615]
 LATENT_SHAPES = [(1, 4, 8, 8), (1, 4, 7, 9), (1, 4, 1, 3), (1, 4, 3, 5)]
 
@@ -603,6 +618,8 @@ def main():
     if "model" in stages:
         print("building the tiny model")
         save_model(*build_models())
+    if "vae_encoder" in stages:  # also part of "reference"; alone, it rewrites only its file
+        ref_vae_encoder(load_pipeline())
     if "reference" in stages:
         pipe = load_pipeline()
         print("model health checks")
@@ -611,6 +628,7 @@ def main():
         ref_text_encoder(pipe)
         ref_unet(pipe)
         ref_vae(pipe)
+        ref_vae_encoder(pipe)
         ref_latents()
         check_randn_model()
         ref_schedulers()

@@ -223,6 +223,9 @@ pub struct VaeConfig {
     pub shift_factor: Option<f32>,
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
+    /// The encoder's 1×1 conv on the moments (diffusers' default: present).
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
     #[serde(default)]
     pub sample_size: Option<usize>,
     #[serde(default)]

@@ -2,7 +2,8 @@
 //! scripts/make_fixtures.py for the tiny SD 2.1-architecture model.
 //!
 //! Tolerances (f32 on both sides, different summation orders):
-//! every component |diff| ≤ 2e-5 + 1e-4·|ref| (seen: max 1.6e-6 text encoder, 4.1e-6 UNet, 1.7e-6 VAE).
+//! every component |diff| ≤ 2e-5 + 1e-4·|ref| (seen: max 1.6e-6 text encoder, 4.1e-6 UNet, 1.7e-6 VAE);
+//! the VAE encoder's posterior mean, std and seeded sample likewise.
 
 mod common;
 
@@ -10,7 +11,8 @@ use common::*;
 use sd21::backend::cpu::CpuBackend;
 use sd21::backend::Backend;
 use sd21::config::{self, ClipTextConfig, UnetConfig, VaeConfig};
-use sd21::model::{ClipTextModel, Unet, VaeDecoder};
+use sd21::model::{ClipTextModel, Unet, VaeDecoder, VaeEncoder};
+use sd21::sampling::rng::TorchGenerator;
 use sd21::weights::{ModelFiles, SafeTensorsFile, WeightScope};
 
 fn files() -> ModelFiles {
@@ -102,5 +104,31 @@ fn vae_decoder_matches_diffusers() {
             2e-5,
             1e-4,
         );
+    }
+}
+
+#[test]
+fn vae_encoder_posterior_and_its_sample_match_diffusers() {
+    let files = files();
+    let backend = CpuBackend::new();
+    let cfg: VaeConfig = config::read_json(&files.vae_config).unwrap();
+    let weights = SafeTensorsFile::open(&files.vae_weights).unwrap();
+    let encoder = VaeEncoder::load(&WeightScope::new(&weights, &backend), &cfg).unwrap();
+    let reference_file = SafeTensorsFile::open(&reference("vae_encoder.safetensors")).unwrap();
+    for case in ["a", "b"] {
+        let image = read_tensor(&reference_file, &format!("{case}_image"));
+        let image = backend.upload(&image.nchw_to_nhwc().unwrap()).unwrap();
+        let posterior = encoder.posterior(&backend, &image).unwrap();
+        for (what, ours) in [("mean", &posterior.mean), ("std", &posterior.std)] {
+            let expected = read_tensor(&reference_file, &format!("{case}_{what}"));
+            assert_eq!(ours.shape, expected.shape, "case {case} {what}");
+            let label = format!("vae encoder case {case} {what}");
+            assert_close(&label, &ours.data, &expected.data, 2e-5, 1e-4);
+        }
+        // diffusers' latent_dist.sample(generator): ε from the generator in NCHW order.
+        let sample = posterior.sample(&mut TorchGenerator::new(301));
+        let expected = read_tensor(&reference_file, &format!("{case}_sample_seed301"));
+        let label = format!("vae encoder case {case} sample");
+        assert_close(&label, &sample.data, &expected.data, 2e-5, 1e-4);
     }
 }

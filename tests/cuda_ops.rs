@@ -906,3 +906,19 @@ fn a_full_size_768_vae_decode_is_finite() {
         "non-finite pixels from a full-size VAE decode in f16"
     );
 }
+
+/// The tiny model's VAE encoder (its moments) on CUDA against the CPU backend.
+#[test]
+fn vae_encoder_matches_cpu() {
+    let g = gpu_or_skip!();
+    let dir = repo_root().join("tests/fixtures/tiny-sd21");
+    let files = ModelFiles::locate(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let config: sd21::config::VaeConfig =
+        sd21::config::read_json(&files.vae_config).expect("the VAE config");
+    let weights = sd21::weights::SafeTensorsFile::open(&files.vae_weights).expect("VAE weights");
+    let image = Rng::new(61).tensor(&[1, 32, 40, 3], 1.0);
+    compare!("vae encoder moments 32×40", g, [x = image], |be| {
+        sd21::model::VaeEncoder::load(&sd21::weights::WeightScope::new(&weights, be), &config)
+            .and_then(|encoder| encoder.encode(be, &x))
+    });
+}

@@ -1,5 +1,6 @@
 //! diffusers `AutoencoderKL` decoder: post_quant_conv → conv_in → mid (resnet, attention, resnet)
-//! → up blocks → GN → SiLU → conv_out, NHWC. All VAE group norms use eps 1e-6 (fixed in diffusers).
+//! → up blocks → GN → SiLU → conv_out, NHWC; and the mid block it shares with the encoder
+//! (`vae_encoder.rs`). All VAE group norms use eps 1e-6 (fixed in diffusers).
 
 use crate::backend::{Activation, Backend, Tensor};
 use crate::config::VaeConfig;
@@ -7,7 +8,56 @@ use crate::model::layers::{Attention, Conv2d, GroupNorm, ResnetBlock2D};
 use crate::weights::WeightScope;
 use crate::{Error, Result};
 
-const VAE_NORM_EPS: f32 = 1e-6;
+pub(super) const VAE_NORM_EPS: f32 = 1e-6;
+
+/// diffusers `UNetMidBlock2D` of the VAE: resnet → (GN → single-head attention + residual) →
+/// resnet, at the widest channel count.
+pub(super) struct VaeMidBlock<B: Backend> {
+    resnet_0: ResnetBlock2D<B>,
+    norm: GroupNorm<B>,
+    attention: Attention<B>,
+    resnet_1: ResnetBlock2D<B>,
+}
+
+impl<B: Backend> VaeMidBlock<B> {
+    /// From the tensors under `mid` (`encoder.mid_block` or `decoder.mid_block`).
+    pub(super) fn load(mid: &WeightScope<B>, channels: usize, groups: usize) -> Result<Self> {
+        let attn = mid.pp("attentions.0");
+        let resnet = |j: usize| {
+            let w = mid.pp("resnets").pp(j);
+            ResnetBlock2D::load(&w, channels, channels, None, groups, VAE_NORM_EPS)
+        };
+        Ok(VaeMidBlock {
+            resnet_0: resnet(0)?,
+            norm: GroupNorm::load(&attn.pp("group_norm"), channels, groups, VAE_NORM_EPS)?,
+            attention: Attention::load_vae(&attn, channels)?,
+            resnet_1: resnet(1)?,
+        })
+    }
+
+    /// `[B, h, w, C]` → same.
+    pub(super) fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let h = self.resnet_0.forward(b, x, None)?; // [B, h, w, C]
+        let h = self.attention_forward(b, &h)?; // [B, h, w, C]
+        self.resnet_1.forward(b, &h, None) // [B, h, w, C]
+    }
+
+    /// Single-head attention over all pixels, with the residual: `[B, h, w, C]` → same.
+    fn attention_forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let s = x.shape().to_vec();
+        if s.len() != 4 {
+            return Err(Error::shape(
+                "vae attention",
+                format!("expected NHWC, got {s:?}"),
+            ));
+        }
+        let h = self.norm.forward(b, x, Activation::None)?; // [B, h, w, C]
+        let h = b.reshape(&h, &[s[0], s[1] * s[2], s[3]])?; // [B, hw, C]
+        let h = self.attention.forward(b, &h, None)?; // [B, hw, C]
+        let h = b.reshape(&h, &s)?; // [B, h, w, C]
+        b.add(&h, x) // [B, h, w, C]
+    }
+}
 
 struct UpDecoderBlock<B: Backend> {
     resnets: Vec<ResnetBlock2D<B>>,
@@ -19,10 +69,7 @@ pub struct VaeDecoder<B: Backend> {
     config: VaeConfig,
     post_quant_conv: Option<Conv2d<B>>,
     conv_in: Conv2d<B>,
-    mid_resnet_0: ResnetBlock2D<B>,
-    mid_norm: GroupNorm<B>,
-    mid_attention: Attention<B>,
-    mid_resnet_1: ResnetBlock2D<B>,
+    mid_block: VaeMidBlock<B>,
     up_blocks: Vec<UpDecoderBlock<B>>,
     conv_norm_out: GroupNorm<B>,
     conv_out: Conv2d<B>,
@@ -44,8 +91,6 @@ impl<B: Backend> VaeDecoder<B> {
         } else {
             None
         };
-        let mid = d.pp("mid_block");
-        let attn = mid.pp("attentions.0");
         let mut up_blocks = Vec::with_capacity(n);
         let mut prev_out = top;
         for i in 0..n {
@@ -83,24 +128,7 @@ impl<B: Backend> VaeDecoder<B> {
             config: config.clone(),
             post_quant_conv,
             conv_in: Conv2d::load(&d.pp("conv_in"), lat, top, 3, 1, 1)?,
-            mid_resnet_0: ResnetBlock2D::load(
-                &mid.pp("resnets.0"),
-                top,
-                top,
-                None,
-                groups,
-                VAE_NORM_EPS,
-            )?,
-            mid_norm: GroupNorm::load(&attn.pp("group_norm"), top, groups, VAE_NORM_EPS)?,
-            mid_attention: Attention::load_vae(&attn, top)?,
-            mid_resnet_1: ResnetBlock2D::load(
-                &mid.pp("resnets.1"),
-                top,
-                top,
-                None,
-                groups,
-                VAE_NORM_EPS,
-            )?,
+            mid_block: VaeMidBlock::load(&d.pp("mid_block"), top, groups)?,
             up_blocks,
             conv_norm_out: GroupNorm::load(&d.pp("conv_norm_out"), c[0], groups, VAE_NORM_EPS)?,
             conv_out: Conv2d::load(&d.pp("conv_out"), c[0], config.out_channels, 3, 1, 1)?,
@@ -119,9 +147,7 @@ impl<B: Backend> VaeDecoder<B> {
             None => z.clone(),
         };
         h = self.conv_in.forward(b, &h)?; // [B, h, w, C_top]
-        h = self.mid_resnet_0.forward(b, &h, None)?; // [B, h, w, C_top]
-        h = self.mid_attention_forward(b, &h)?; // [B, h, w, C_top]
-        h = self.mid_resnet_1.forward(b, &h, None)?; // [B, h, w, C_top]
+        h = self.mid_block.forward(b, &h)?; // [B, h, w, C_top]
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 h = resnet.forward(b, &h, None)?; // [B, h_i, w_i, C_i]
@@ -134,21 +160,5 @@ impl<B: Backend> VaeDecoder<B> {
         }
         let h = self.conv_norm_out.forward(b, &h, Activation::Silu)?; // [B, H, W, C0]
         self.conv_out.forward(b, &h) // [B, H, W, 3]
-    }
-
-    /// Single-head attention over all pixels, with the residual: `[B, h, w, C]` → same.
-    fn mid_attention_forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let s = x.shape().to_vec();
-        if s.len() != 4 {
-            return Err(Error::shape(
-                "vae attention",
-                format!("expected NHWC, got {s:?}"),
-            ));
-        }
-        let h = self.mid_norm.forward(b, x, Activation::None)?; // [B, h, w, C]
-        let h = b.reshape(&h, &[s[0], s[1] * s[2], s[3]])?; // [B, hw, C]
-        let h = self.mid_attention.forward(b, &h, None)?; // [B, hw, C]
-        let h = b.reshape(&h, &s)?; // [B, h, w, C]
-        b.add(&h, x) // [B, h, w, C]
     }
 }
