@@ -465,6 +465,37 @@ def ref_schedulers():
     print(f"  schedulers.json: {len(entries)} entries")
 
 
+def ref_img2img_schedules():
+    """StableDiffusionImg2ImgPipeline's start: get_timesteps(steps, strength) (t_start, the
+    timesteps left, set_begin_index) and scheduler.add_noise(init_latents, noise, timesteps[:1]),
+    for every scheduler, on fixed small tensors."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    g = torch.Generator("cpu").manual_seed(400)
+    original = torch.randn(1, 4, 2, 3, generator=g)
+    noise = torch.randn(1, 4, 2, 3, generator=g)
+    entries = []
+    for name in SCHEDULERS:
+        for steps in (7, 10):
+            for strength in (0.3, 0.75, 1.0):
+                s = load_scheduler(name)
+                s.set_timesteps(steps)
+                # the pipeline's own get_timesteps, on a stand-in object holding the scheduler
+                holder = type("Holder", (), {"scheduler": s})()
+                timesteps, left = StableDiffusionImg2ImgPipeline.get_timesteps(holder, steps, strength, "cpu")
+                noisy = s.add_noise(original, noise, timesteps[:1])
+                entries.append({
+                    "scheduler": name, "steps": steps, "strength": strength,
+                    "t_start": steps - left, "timesteps": [float(t) for t in timesteps.tolist()],
+                    "noisy": [float(x) for x in noisy.flatten().tolist()],
+                })
+    write_json(os.path.join(REF_DIR, "img2img_schedules.json"), {
+        "original": [float(x) for x in original.flatten().tolist()],
+        "noise": [float(x) for x in noise.flatten().tolist()],
+        "entries": entries,
+    }, indent=1)
+    print(f"  img2img_schedules.json: {len(entries)} entries")
+
+
 def image_cases():
     cases = []
     for name in SCHEDULERS:
@@ -620,6 +651,8 @@ def main():
         save_model(*build_models())
     if "vae_encoder" in stages:  # also part of "reference"; alone, it rewrites only its file
         ref_vae_encoder(load_pipeline())
+    if "img2img_schedules" in stages:  # likewise
+        ref_img2img_schedules()
     if "reference" in stages:
         pipe = load_pipeline()
         print("model health checks")
@@ -632,6 +665,7 @@ def main():
         ref_latents()
         check_randn_model()
         ref_schedulers()
+        ref_img2img_schedules()
         ref_images(pipe)
 
 

@@ -102,6 +102,11 @@ impl Scheduler for Ddim {
         &self.timesteps_f32
     }
 
+    fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {
+        let alpha = timestep_alpha(&self.timesteps, &self.alphas_cumprod, step_index)?;
+        super::add_noise_at_alpha(alpha, original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: &[f32],
@@ -151,4 +156,22 @@ impl Scheduler for Ddim {
         self.last_step = Some(step_index);
         Ok(out)
     }
+}
+
+/// ᾱ at the timestep of step index `step_index`.
+pub(super) fn timestep_alpha(
+    timesteps: &[i64],
+    alphas_cumprod: &[f32],
+    step_index: usize,
+) -> Result<f32> {
+    timesteps
+        .get(step_index)
+        .and_then(|&t| usize::try_from(t).ok())
+        .and_then(|t| alphas_cumprod.get(t).copied())
+        .ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "add_noise: step index {step_index} is past the {} timesteps",
+                timesteps.len()
+            ))
+        })
 }

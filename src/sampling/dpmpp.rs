@@ -149,6 +149,19 @@ impl Scheduler for DpmPp2m {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {
+        super::same_length("add_noise", original, noise)?;
+        let sigma = super::euler::sigma_at(&self.sigmas, step_index)?;
+        // diffusers' _sigma_to_alpha_sigma_t, in its f32 order.
+        let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let sigma_t = sigma * alpha_t;
+        Ok(original
+            .iter()
+            .zip(noise)
+            .map(|(&x, &e)| alpha_t * x + sigma_t * e)
+            .collect())
+    }
+
     fn step(
         &mut self,
         model_output: &[f32],

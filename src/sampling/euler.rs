@@ -160,6 +160,16 @@ impl Scheduler for Euler {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {
+        super::same_length("add_noise", original, noise)?;
+        let sigma = sigma_at(&self.sigmas, step_index)?;
+        Ok(original
+            .iter()
+            .zip(noise)
+            .map(|(&x, &e)| x + e * sigma)
+            .collect())
+    }
+
     fn init_noise_sigma(&self) -> f32 {
         self.init_noise_sigma
     }
@@ -240,4 +250,14 @@ impl Scheduler for Euler {
     fn sigmas(&self) -> Option<&[f32]> {
         Some(&self.sigmas)
     }
+}
+
+/// σ of step index `step_index` (the Euler family and DPM++).
+pub(super) fn sigma_at(sigmas: &[f32], step_index: usize) -> Result<f32> {
+    sigmas.get(step_index).copied().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "add_noise: step index {step_index} is past the {} sigmas",
+            sigmas.len()
+        ))
+    })
 }

@@ -168,11 +168,57 @@ pub trait Scheduler: Send {
         rng: &mut rng::TorchGenerator,
     ) -> Result<Vec<f32>>;
 
+    /// `original` noised to the level of step index `step_index` with `noise`, as diffusers'
+    /// `scheduler.add_noise(original, noise, timesteps[step_index])` after
+    /// `set_begin_index(step_index)` (img2img's start): √ᾱ_t·x + √(1−ᾱ_t)·ε for DDIM and PNDM,
+    /// x + σ·ε for the Euler family, α_σ·x + σ·α_σ·ε with α_σ = 1/√(σ²+1) for DPM++.
+    fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>>;
+
     /// diffusers' `scheduler.sigmas` (float32, one more than the timesteps) for the Euler family
     /// and DPM; `None` for DDIM and PNDM, which have none.
     fn sigmas(&self) -> Option<&[f32]> {
         None
     }
+}
+
+/// img2img's first step index (diffusers' `get_timesteps`): `strength` s of `steps` denoises
+/// init_timestep = min(⌊steps·s⌋, steps) steps, starting at t_start = steps − init_timestep (every
+/// scheduler here has order 1). A strength that leaves no step is an error.
+pub fn img2img_first_step(steps: usize, strength: f64) -> Result<usize> {
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(Error::InvalidRequest(format!(
+            "strength must be between 0 and 1, got {strength}"
+        )));
+    }
+    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
+    if init_timestep == 0 {
+        return Err(Error::InvalidRequest(format!(
+            "strength {strength} with {steps} steps leaves no step to run"
+        )));
+    }
+    Ok(steps - init_timestep)
+}
+
+/// The noise-free part of `add_noise` at ᾱ_t for the DDPM-style schedulers (DDIM, PNDM), in
+/// torch's f32 order: √ᾱ·x + √(1−ᾱ)·ε.
+fn add_noise_at_alpha(alpha_cumprod: f32, original: &[f32], noise: &[f32]) -> Result<Vec<f32>> {
+    same_length("add_noise", original, noise)?;
+    let (a, b) = (alpha_cumprod.sqrt(), (1.0 - alpha_cumprod).sqrt());
+    Ok(original
+        .iter()
+        .zip(noise)
+        .map(|(&x, &e)| a * x + b * e)
+        .collect())
+}
+
+fn same_length(what: &'static str, a: &[f32], b: &[f32]) -> Result<()> {
+    if a.len() != b.len() {
+        return Err(Error::shape(
+            what,
+            format!("{} values and {} noise values", a.len(), b.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// Builds `kind` from a model's scheduler_config.json and runs `set_timesteps(steps)`.

@@ -255,6 +255,11 @@ impl Scheduler for Pndm {
         &self.timesteps_f32
     }
 
+    fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {
+        let alpha = super::ddim::timestep_alpha(&self.timesteps, &self.alphas_cumprod, step_index)?;
+        super::add_noise_at_alpha(alpha, original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: &[f32],

@@ -1,8 +1,9 @@
 //! Equality with diffusers 0.42.1: timesteps, sigmas and init_noise_sigma for every scheduler entry
 //! of tests/fixtures/reference/schedulers.json (scripts/make_fixtures.py) and of
 //! tests/fixtures/sampling/trajectories.json (scripts/sampling_goldens.py: class defaults and special
-//! keys), ᾱ for each beta schedule, and 7-step sampling trajectories, both free-running and
-//! teacher-forced (diffusers' own sample and model output fed in at every step).
+//! keys), ᾱ for each beta schedule, 7-step sampling trajectories, both free-running and
+//! teacher-forced (diffusers' own sample and model output fed in at every step), and img2img's
+//! start (reference/img2img_schedules.json: first step, timesteps left, add_noise).
 //!
 //! Tolerances: timesteps 1e-4 absolute; sigmas and init_noise_sigma 1e-5 relative; ᾱ exact (5e-6
 //! relative after rescale_betas_zero_snr); trajectories |ours − diffusers| ≤ 1e-5·|diffusers| + 1e-6·max|diffusers sample|.
@@ -444,4 +445,58 @@ fn invalid_arguments_are_errors_not_panics() {
             "{key}"
         );
     }
+}
+
+/// img2img's start against diffusers (reference/img2img_schedules.json): the first step index
+/// and the timesteps left for each strength, and add_noise at the first of them; ≤ 1e-6 relative.
+#[test]
+fn img2img_start_matches_diffusers() {
+    let d = load_json(fixtures().join("reference/img2img_schedules.json"));
+    let (original, noise) = (f32s(&d["original"]), f32s(&d["noise"]));
+    let entries = d["entries"].as_array().expect("entries");
+    assert!(entries.len() >= 36);
+    for e in entries {
+        let name = e["scheduler"].as_str().expect("scheduler");
+        let steps = e["steps"].as_u64().expect("steps") as usize;
+        let strength = e["strength"].as_f64().expect("strength");
+        let what = format!("{name} {steps} steps strength {strength}");
+        let t_start = img2img_first_step(steps, strength).expect("a start");
+        assert_eq!(
+            t_start as u64,
+            e["t_start"].as_u64().expect("t_start"),
+            "{what}"
+        );
+        let kind = SchedulerKind::from_name(name).expect("kind");
+        let s = build_scheduler(kind, &config_from(sd_config()), steps).expect("scheduler");
+        let left = &s.timesteps()[t_start..];
+        let want = f32s(&e["timesteps"]);
+        assert_eq!(
+            left.len(),
+            want.len(),
+            "{what}: timesteps {left:?} vs {want:?}"
+        );
+        for (a, b) in left.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-4,
+                "{what}: timesteps {left:?} vs {want:?}"
+            );
+        }
+        let noisy = s.add_noise(&original, &noise, t_start).expect("add_noise");
+        for (i, (a, b)) in noisy.iter().zip(f32s(&e["noisy"])).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "{what}: noisy[{i}] {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn img2img_strength_is_checked() {
+    assert_eq!(img2img_first_step(10, 1.0).ok(), Some(0));
+    assert_eq!(img2img_first_step(10, 0.75).ok(), Some(3));
+    for bad in [-0.1, 1.5, f64::NAN] {
+        assert!(img2img_first_step(10, bad).is_err(), "{bad}");
+    }
+    assert!(img2img_first_step(10, 0.05).is_err(), "no step left");
 }
