@@ -551,6 +551,38 @@ def ref_images(pipe):
           f", same as stored: {np.abs(a - f32[c['name']].numpy()).max() == 0}")
 
 
+IMG2IMG_CASES = [  # (scheduler, strength)
+    ("ddim", 0.75), ("ddim", 0.3), ("pndm", 0.75), ("euler", 0.5), ("euler_a", 0.75),
+    ("dpmpp_2m", 1.0), ("dpmpp_2m_karras", 0.6),
+]
+
+
+def ref_img2img(pipe):
+    """StableDiffusionImg2ImgPipeline on the tiny model, from the ddim_epsilon txt2img image (72x56,
+    a multiple of 8, so the pipeline does not resize it)."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from safetensors.torch import load_file
+    init = load_file(os.path.join(REF_DIR, "images.safetensors"))["ddim_epsilon"].numpy()
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    u8, meta = {"init": torch.from_numpy(init)}, []
+    for scheduler, strength in IMG2IMG_CASES:
+        name = f"{scheduler}_strength{strength}"
+        img2img.scheduler = load_scheduler(scheduler, prediction_type="epsilon")
+        img = img2img(PROMPT, image=Image.fromarray(init), strength=strength, num_inference_steps=7,
+                      guidance_scale=7.5, negative_prompt=NEGATIVE, output_type="np",
+                      generator=torch.Generator("cpu").manual_seed(IMAGE_SEED)).images[0]
+        u8[name] = torch.from_numpy(np.round(img * 255.0).astype(np.uint8))
+        meta.append(dict(name=name, scheduler=scheduler, strength=strength, prompt=PROMPT,
+                         negative_prompt=NEGATIVE, steps=7, guidance_scale=7.5, seed=IMAGE_SEED,
+                         width=int(init.shape[1]), height=int(init.shape[0])))
+        print(f"  img2img {name}: pixel std {image_stats(img)['std']:.3f}")
+    save_st("img2img.safetensors", u8)
+    write_json(os.path.join(REF_DIR, "img2img.json"), meta)
+
+
 # --------------------------------------------------------------------------------------------
 # A pure-Python model of torch's CPU randn (documentation for the Rust port, checked against torch)
 # --------------------------------------------------------------------------------------------
@@ -653,6 +685,8 @@ def main():
         ref_vae_encoder(load_pipeline())
     if "img2img_schedules" in stages:  # likewise
         ref_img2img_schedules()
+    if "img2img" in stages:  # likewise (needs images.safetensors)
+        ref_img2img(load_pipeline())
     if "reference" in stages:
         pipe = load_pipeline()
         print("model health checks")
@@ -667,6 +701,7 @@ def main():
         ref_schedulers()
         ref_img2img_schedules()
         ref_images(pipe)
+        ref_img2img(pipe)
 
 
 if __name__ == "__main__":

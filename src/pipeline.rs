@@ -10,9 +10,9 @@ use crate::backend::{Backend, Device, OpenedBackend, RecordedFn};
 use crate::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
 use crate::engine::ModelInfo;
 use crate::image_io::RgbImage;
-use crate::model::{ClipTextModel, Unet, VaeDecoder};
+use crate::model::{ClipTextModel, Unet, VaeDecoder, VaeEncoder};
 use crate::sampling::rng::TorchGenerator;
-use crate::sampling::{build_scheduler, SchedulerKind};
+use crate::sampling::{build_scheduler, img2img_first_step, Scheduler, SchedulerKind};
 use crate::tensor::HostTensor;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{ModelFiles, SafeTensorsFile, TensorSource, WeightScope};
@@ -119,6 +119,8 @@ pub struct Pipeline<B: Backend> {
     text_encoder: ClipTextModel<B>,
     unet: Unet<B>,
     vae: VaeDecoder<B>,
+    /// Present when the VAE's weights hold the encoder (img2img needs it).
+    vae_encoder: Option<VaeEncoder<B>>,
     scheduler_config: SchedulerConfig,
     model_name: String,
 }
@@ -175,6 +177,14 @@ impl<B: Backend> Pipeline<B> {
         )?;
         let unet = Unet::load(&WeightScope::new(sources.unet, &backend), &unet_config)?;
         let vae = VaeDecoder::load(&WeightScope::new(sources.vae, &backend), &vae_config)?;
+        let vae_encoder = if sources.vae.contains("encoder.conv_in.weight") {
+            Some(VaeEncoder::load(
+                &WeightScope::new(sources.vae, &backend),
+                &vae_config,
+            )?)
+        } else {
+            None
+        };
         Ok(Pipeline {
             backend,
             unet_recorder: None,
@@ -183,6 +193,7 @@ impl<B: Backend> Pipeline<B> {
             text_encoder,
             unet,
             vae,
+            vae_encoder,
             scheduler_config,
             model_name,
         })
@@ -285,6 +296,69 @@ impl<B: Backend> Pipeline<B> {
         request: &GenerationRequest,
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
+        self.check_request(request)?;
+        self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
+            let mut rng = TorchGenerator::new(seed);
+            let scheduler = self.scheduler(request)?;
+            let (c, h, w) = self.latent_shape(request);
+            let sigma = scheduler.init_noise_sigma();
+            let latents = rng.randn(c * h * w).into_iter().map(|x| x * sigma); // [1, C, h, w]
+            let start = DenoiseStart {
+                scheduler,
+                latents: latents.collect(),
+                first_step: 0,
+                rng,
+            };
+            self.denoise(request, context, guidance, start, on_step)
+        })
+    }
+
+    /// img2img as diffusers' `StableDiffusionImg2ImgPipeline`: `init` (the request's size) is
+    /// encoded and its posterior sampled, scaled, noised to the step where `strength` starts the
+    /// schedule ([`img2img_first_step`]), and denoised from there. The generator of image i
+    /// (seed + i) draws the posterior sample, then the noise, then any per-step noise.
+    pub fn img2img(
+        &self,
+        request: &GenerationRequest,
+        init: &RgbImage,
+        strength: f64,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        self.check_request(request)?;
+        let Some(encoder) = &self.vae_encoder else {
+            return Err(Error::InvalidRequest(
+                "this model's VAE has no encoder, so it cannot do img2img".into(),
+            ));
+        };
+        if (init.width, init.height) != (request.width, request.height) {
+            return Err(Error::InvalidRequest(format!(
+                "the init image is {}×{}, the request {}×{} (resizing is not supported yet)",
+                init.width, init.height, request.width, request.height
+            )));
+        }
+        let first_step = img2img_first_step(request.steps, strength)?;
+        let b = &self.backend;
+        let image = b.upload(&pixels_to_unit_range(init)?)?; // [1, H, W, 3] in [-1, 1]
+        let posterior = encoder.posterior(b, &image)?; // [1, C, h, w] each
+        let scale = self.vae.config().scaling_factor;
+        self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
+            let mut rng = TorchGenerator::new(seed);
+            let scheduler = self.scheduler(request)?;
+            let sample = posterior.sample(&mut rng); // [1, C, h, w]
+            let init_latents: Vec<f32> = sample.data.iter().map(|x| scale * x).collect();
+            let noise = rng.randn(init_latents.len());
+            let start = DenoiseStart {
+                latents: scheduler.add_noise(&init_latents, &noise, first_step)?,
+                scheduler,
+                first_step,
+                rng,
+            };
+            self.denoise(request, context, guidance, start, on_step)
+        })
+    }
+
+    /// The request rules every pipeline shares (the server and the CLI check them earlier).
+    fn check_request(&self, request: &GenerationRequest) -> Result<()> {
         let f = self.latent_factor();
         if request.width == 0
             || request.height == 0
@@ -304,19 +378,30 @@ impl<B: Backend> Pipeline<B> {
                 "cfg_scale must be a finite number".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Encodes the prompts once, then runs `image(seed, context, guidance, on_step)` for each
+    /// image (seed + i) and decodes its latents.
+    fn each_image(
+        &self,
+        request: &GenerationRequest,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+        image: &mut ImageLoop<'_, B>,
+    ) -> Result<Vec<GeneratedImage>> {
         let guidance = request.cfg_scale > 1.0;
         let context = self.encode_prompts(&request.prompt, &request.negative_prompt, guidance)?;
         (0..request.number_of_images)
             .map(|i| {
                 let seed = request.seed.wrapping_add(i as u64);
-                let latents =
-                    self.denoise(request, seed, &context, guidance, &mut |step, total| {
-                        on_step(Progress {
-                            image: i,
-                            step,
-                            steps_per_image: total,
-                        })
-                    })?;
+                let mut progress = |step, total| {
+                    on_step(Progress {
+                        image: i,
+                        step,
+                        steps_per_image: total,
+                    })
+                };
+                let latents = image(seed, &context, guidance, &mut progress)?;
                 let (image, decoded_in_f32) = self.decode_checked(&latents)?;
                 Ok(GeneratedImage {
                     seed,
@@ -327,38 +412,46 @@ impl<B: Backend> Pipeline<B> {
             .collect()
     }
 
-    /// The sampling loop for one image: initial noise from `seed`, then one guided UNet
-    /// evaluation and one scheduler step per timestep. Returns the final NCHW latents.
-    fn denoise(
-        &self,
-        request: &GenerationRequest,
-        seed: u64,
-        context: &B::Tensor,
-        guidance: bool,
-        on_step: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<HostTensor> {
-        let b = &self.backend;
-        let f = self.latent_factor();
-        let (h, w, c) = (
-            request.height / f,
-            request.width / f,
-            self.unet.config().in_channels,
-        );
+    /// The request's scheduler, after `set_timesteps(steps)` (epsilon when the config names no
+    /// prediction type).
+    fn scheduler(&self, request: &GenerationRequest) -> Result<Box<dyn Scheduler>> {
         let mut scheduler_config = self.scheduler_config.clone();
         if scheduler_config.prediction_type.is_none() {
             scheduler_config.prediction_type = Some("epsilon".into());
         }
-        let mut scheduler = build_scheduler(request.scheduler, &scheduler_config, request.steps)?;
-        let mut rng = TorchGenerator::new(seed);
-        let sigma = scheduler.init_noise_sigma();
-        let mut latents: Vec<f32> = rng
-            .randn(c * h * w)
-            .into_iter()
-            .map(|x| x * sigma)
-            .collect(); // [1, C, h, w]
+        build_scheduler(request.scheduler, &scheduler_config, request.steps)
+    }
+
+    /// `(C, h, w)` of the request's latents.
+    fn latent_shape(&self, request: &GenerationRequest) -> (usize, usize, usize) {
+        let f = self.latent_factor();
+        let c = self.unet.config().in_channels;
+        (c, request.height / f, request.width / f)
+    }
+
+    /// The sampling loop for one image from `start`: one guided UNet evaluation and one
+    /// scheduler step per remaining timestep. Returns the final NCHW latents; `on_step(done,
+    /// total)` counts the steps run here.
+    fn denoise(
+        &self,
+        request: &GenerationRequest,
+        context: &B::Tensor,
+        guidance: bool,
+        start: DenoiseStart,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<HostTensor> {
+        let DenoiseStart {
+            mut scheduler,
+            mut latents,
+            first_step,
+            mut rng,
+        } = start;
+        let b = &self.backend;
+        let (c, h, w) = self.latent_shape(request);
         let rows = if guidance { 2 } else { 1 };
         let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
+        let total = timesteps.len().saturating_sub(first_step);
+        for (i, &t) in timesteps.iter().enumerate().skip(first_step) {
             let mut input = latents.repeat(rows); // [rows, C, h, w]
             scheduler.scale_model_input(&mut input, i);
             let input = HostTensor::new(vec![rows, c, h, w], input)?.nchw_to_nhwc()?; // [rows, h, w, C]
@@ -367,8 +460,8 @@ impl<B: Backend> Pipeline<B> {
             if out.iter().any(|v| !v.is_finite()) {
                 return Err(Error::NonFinite(format!(
                     "the UNet produced non-finite values at step {} of {}",
-                    i + 1,
-                    timesteps.len()
+                    i + 1 - first_step,
+                    total
                 )));
             }
             let n = c * h * w;
@@ -383,7 +476,7 @@ impl<B: Backend> Pipeline<B> {
                 out
             };
             latents = scheduler.step(&guided, i, &latents, &mut rng)?;
-            if !on_step(i + 1, timesteps.len()) {
+            if !on_step(i + 1 - first_step, total) {
                 return Err(Error::Cancelled);
             }
         }
@@ -430,6 +523,36 @@ impl<B: Backend> Pipeline<B> {
         }
         Ok((to_rgb(&image), true))
     }
+}
+
+/// Where one image's sampling loop starts: the scheduler after `set_timesteps`, the NCHW latents
+/// at step index `first_step`, and the generator that drew them (ancestral samplers go on
+/// drawing from it).
+struct DenoiseStart {
+    scheduler: Box<dyn Scheduler>,
+    latents: Vec<f32>,
+    first_step: usize,
+    rng: TorchGenerator,
+}
+
+/// One image's latents from (seed, prompt context, guidance, progress), in [`Pipeline::each_image`].
+type ImageLoop<'a, B> = dyn FnMut(
+        u64,
+        &<B as Backend>::Tensor,
+        bool,
+        &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<HostTensor>
+    + 'a;
+
+/// 8-bit RGB → `[1, H, W, 3]` in [−1, 1], as diffusers' `VaeImageProcessor.preprocess` (x/255 in
+/// f32, then 2x − 1).
+fn pixels_to_unit_range(image: &RgbImage) -> Result<HostTensor> {
+    let data = image
+        .pixels
+        .iter()
+        .map(|&p| 2.0 * (p as f32 / 255.0) - 1.0)
+        .collect();
+    HostTensor::new(vec![1, image.height, image.width, 3], data)
 }
 
 /// `[1, H, W, 3]` in [-1, 1] → 8-bit RGB.

@@ -1,6 +1,8 @@
 //! Whole images: every scheduler × prediction type, guidance on and off, native and odd sizes,
 //! against diffusers' `StableDiffusionPipeline` on the tiny fixture model
-//! (tests/fixtures/reference/images.*, made by scripts/make_fixtures.py).
+//! (tests/fixtures/reference/images.*, made by scripts/make_fixtures.py); and img2img against
+//! `StableDiffusionImg2ImgPipeline` for six schedulers at strengths 0.3 to 1.0
+//! (reference/img2img.*).
 //!
 //! Tolerance (the issue's): mean |diff| ≤ 0.25/255 and max |diff| ≤ 2/255 against
 //! round(255·diffusers).
@@ -96,5 +98,74 @@ fn images_match_diffusers_for_every_scheduler() {
     assert!(
         failures.is_empty(),
         "images differ from diffusers: {failures:?}"
+    );
+}
+
+#[derive(Deserialize)]
+struct Img2ImgCase {
+    name: String,
+    scheduler: String,
+    strength: f64,
+    prompt: String,
+    negative_prompt: String,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance_scale: f32,
+    seed: u64,
+}
+
+/// img2img against diffusers' `StableDiffusionImg2ImgPipeline` (reference/img2img.*: the
+/// ddim_epsilon image as the init image, several schedulers and strengths); the same tolerance.
+#[test]
+fn img2img_images_match_diffusers() {
+    let cases: Vec<Img2ImgCase> =
+        serde_json::from_str(&std::fs::read_to_string(reference("img2img.json")).unwrap()).unwrap();
+    assert!(cases.len() >= 7);
+    let bytes = std::fs::read(reference("img2img.safetensors")).unwrap();
+    let images = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let init = images.tensor("init").unwrap();
+    let (h, w) = (init.shape()[0], init.shape()[1]);
+    let init = sd21::image_io::RgbImage {
+        width: w,
+        height: h,
+        pixels: init.data().to_vec(),
+    };
+    let pipeline = load("epsilon");
+    let mut failures = Vec::new();
+    for case in &cases {
+        let request = GenerationRequest {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            width: case.width,
+            height: case.height,
+            steps: case.steps,
+            cfg_scale: case.guidance_scale,
+            seed: case.seed,
+            scheduler: SchedulerKind::from_name(&case.scheduler).unwrap(),
+            number_of_images: 1,
+        };
+        let ours = pipeline
+            .img2img(&request, &init, case.strength, &mut |_| true)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let expected = images.tensor(&case.name).unwrap();
+        let (mut max, mut sum) = (0u8, 0u64);
+        for (a, b) in ours[0].image.pixels.iter().zip(expected.data()) {
+            let d = a.abs_diff(*b);
+            max = max.max(d);
+            sum += u64::from(d);
+        }
+        let mean = sum as f64 / ours[0].image.pixels.len() as f64;
+        eprintln!(
+            "img2img {}: mean |diff| {mean:.4}/255, max {max}/255",
+            case.name
+        );
+        if mean > 0.25 || max > 2 {
+            failures.push(format!("{}: mean {mean:.4}, max {max}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "img2img images differ from diffusers: {failures:?}"
     );
 }
