@@ -1,4 +1,7 @@
-//! Generated images: RGB pixels, PNG encoding with an A1111-style `parameters` text chunk.
+//! Images: RGB pixels, reading PNG/JPEG/WebP files (img2img's input), resizing, and PNG encoding
+//! with an A1111-style `parameters` text chunk.
+
+use std::path::Path;
 
 use crate::{Error, Result};
 
@@ -23,6 +26,8 @@ pub struct ImageParameters {
     pub width: usize,
     pub height: usize,
     pub model: String,
+    /// img2img's strength (A1111's `Denoising strength`); `None` for txt2img.
+    pub denoising_strength: Option<f64>,
 }
 
 impl ImageParameters {
@@ -43,8 +48,54 @@ impl ImageParameters {
             self.height,
             self.model
         ));
+        if let Some(strength) = self.denoising_strength {
+            text.push_str(&format!(", Denoising strength: {strength}"));
+        }
         text
     }
+}
+
+/// Reads an image file (PNG, JPEG or WebP) as 8-bit RGB, as diffusers' `load_image` does: the
+/// EXIF orientation applied, then PIL's `convert("RGB")` (alpha dropped, gray replicated, 16-bit
+/// scaled to 8).
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    use image::ImageDecoder;
+    let fail = |e: image::ImageError| Error::Image(format!("{}: {e}", path.display()));
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    let mut decoder = reader.into_decoder().map_err(fail)?;
+    let orientation = decoder.orientation().map_err(fail)?;
+    let mut image = image::DynamicImage::from_decoder(decoder).map_err(fail)?;
+    image.apply_orientation(orientation);
+    let rgb = image.to_rgb8();
+    Ok(RgbImage {
+        width: rgb.width() as usize,
+        height: rgb.height() as usize,
+        pixels: rgb.into_raw(),
+    })
+}
+
+/// `image` resized to `width × height` with a Lanczos (a = 3) filter.
+pub fn resize(image: &RgbImage, width: usize, height: usize) -> Result<RgbImage> {
+    let too_large = || Error::Image(format!("cannot resize to {width}×{height}"));
+    let buffer = image::RgbImage::from_raw(
+        u32::try_from(image.width).map_err(|_| too_large())?,
+        u32::try_from(image.height).map_err(|_| too_large())?,
+        image.pixels.clone(),
+    )
+    .ok_or_else(|| Error::Image("the image's pixels do not match its size".into()))?;
+    let (w, h) = (
+        u32::try_from(width).map_err(|_| too_large())?,
+        u32::try_from(height).map_err(|_| too_large())?,
+    );
+    let resized = image::imageops::resize(&buffer, w, h, image::imageops::FilterType::Lanczos3);
+    Ok(RgbImage {
+        width,
+        height,
+        pixels: resized.into_raw(),
+    })
 }
 
 /// Encodes `image` as PNG with a `parameters` chunk (tEXt when the text is Latin-1, else iTXt,
@@ -88,11 +139,7 @@ pub fn encode_png(image: &RgbImage, parameters: Option<&ImageParameters>) -> Res
 }
 
 /// Writes `image` as a PNG file.
-pub fn save_png(
-    path: &std::path::Path,
-    image: &RgbImage,
-    parameters: Option<&ImageParameters>,
-) -> Result<()> {
+pub fn save_png(path: &Path, image: &RgbImage, parameters: Option<&ImageParameters>) -> Result<()> {
     let bytes = encode_png(image, parameters)?;
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
@@ -103,6 +150,7 @@ mod tests {
 
     fn params(prompt: &str) -> ImageParameters {
         ImageParameters {
+            denoising_strength: None,
             prompt: prompt.into(),
             negative_prompt: "blurry".into(),
             steps: 30,

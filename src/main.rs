@@ -13,10 +13,13 @@ use tracing_subscriber::EnvFilter;
 use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::CudaBackend;
 use sd21::backend::{selftest, Device};
-use sd21::image_io::{save_png, ImageParameters};
-use sd21::pipeline::{load_on_device, ModelConfigs};
+use sd21::engine::ModelInfo;
+use sd21::image_io::{load_image, resize, save_png, ImageParameters};
+use sd21::pipeline::{
+    load_on_device, GeneratedImage, GenerationRequest, ImageGenerator, ModelConfigs, Progress,
+};
 use sd21::request::{self, GenerateRules, Limits};
-use sd21::server::ServerConfig;
+use sd21::server::{response, ServerConfig};
 use sd21::weights::hub::{self, HubConfig};
 use sd21::weights::ModelFiles;
 
@@ -39,9 +42,25 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the HTTP API (POST /generate/, /docs, /health, /ready, /metrics).
     Serve(ServeArgs),
+    /// Generate images from an init image and a prompt (img2img) and write them as PNG files.
+    Img2img(Img2ImgArgs),
     /// Run every op once on a device against the CPU backend and print the table (exit 0 only
     /// when all pass); `sd21 serve` and `sd21 generate` run the same test before using a GPU.
     Selftest(SelftestArgs),
+}
+
+#[derive(clap::Args)]
+struct Img2ImgArgs {
+    /// The image to start from (PNG, JPEG or WebP; EXIF orientation applied). Width and height
+    /// default to its size rounded down to a multiple of 8; a different size resizes it
+    /// (Lanczos, a = 3).
+    #[arg(long)]
+    init_image: PathBuf,
+    /// How much of the schedule is run from the noised init image: 0 keeps it, 1 ignores it.
+    #[arg(long, default_value_t = request::DEFAULT_STRENGTH)]
+    strength: f64,
+    #[command(flatten)]
+    generate: GenerateArgs,
 }
 
 #[derive(clap::Args)]
@@ -181,6 +200,7 @@ fn main() -> Result<()> {
         Command::Download(args) => download(args),
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
+        Command::Img2img(args) => img2img(args),
         Command::Selftest(args) => selftest(args),
     }
 }
@@ -263,11 +283,59 @@ fn resolve_model(model: &str, revision: &str, weights_dir: &Path) -> Result<Path
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
+    let (files, model) = locate_model(&args)?;
+    let request = build_request(&args, &model)?;
+    let pipeline = load_pipeline(&files, &args, &request)?;
+    let bar = progress_bar();
+    let images = pipeline.generate(&request, &mut |p| show_progress(&bar, &request, p))?;
+    bar.finish_and_clear();
+    save_images(&args.output, &request, &images, pipeline.model_name(), None)
+}
+
+fn img2img(args: Img2ImgArgs) -> Result<()> {
+    let init = load_image(&args.init_image)
+        .with_context(|| format!("reading --init-image {}", args.init_image.display()))?;
+    let (files, mut model) = locate_model(&args.generate)?;
+    // Width and height default to the init image's size, rounded down to the latent factor.
+    let f = model.latent_factor;
+    model.native_size = ((init.width / f * f).max(f), (init.height / f * f).max(f));
+    let request = build_request(&args.generate, &model)?;
+    let init = if (init.width, init.height) == (request.width, request.height) {
+        init
+    } else {
+        eprintln!(
+            "resizing the init image from {}×{} to {}×{} (Lanczos)",
+            init.width, init.height, request.width, request.height
+        );
+        resize(&init, request.width, request.height)?
+    };
+    let pipeline = load_pipeline(&files, &args.generate, &request)?;
+    let bar = progress_bar();
+    let images = pipeline.img2img(&request, &init, args.strength, &mut |p| {
+        show_progress(&bar, &request, p)
+    })?;
+    bar.finish_and_clear();
+    let model_name = pipeline.model_name();
+    save_images(
+        &args.generate.output,
+        &request,
+        &images,
+        model_name,
+        Some(args.strength),
+    )
+}
+
+/// The model folder of `--model` and what a request is checked against (its configs only).
+fn locate_model(args: &GenerateArgs) -> Result<(ModelFiles, ModelInfo)> {
     let model_dir = resolve_model(&args.model, &args.revision, &args.weights_dir)?;
     let files = ModelFiles::locate(&model_dir)?;
-    // The same request the server would build from these fields (its rules and defaults),
-    // checked against the model's configs before any weight is loaded.
     let model = ModelConfigs::read(&files)?.model_info(files.model_name(), args.device.to_string());
+    Ok((files, model))
+}
+
+/// The same request the server would build from these flags (its rules and defaults), checked
+/// before any weight is loaded.
+fn build_request(args: &GenerateArgs, model: &ModelInfo) -> Result<GenerationRequest> {
     let fields = json!({
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -280,53 +348,67 @@ fn generate(args: GenerateArgs) -> Result<()> {
         "number_of_images": args.number_of_images,
     });
     let rules = GenerateRules::new(Limits::cli(), model.latent_factor);
-    let request = rules
-        .parse(fields, &model, || u64::from(rand::random::<u32>()))
+    Ok(rules
+        .parse(fields, model, || u64::from(rand::random::<u32>()))
         .map_err(|e| anyhow::anyhow!("--{}: {e}", e.field().replace('_', "-")))?
-        .request;
-    let pipeline = load_on_device(&files, args.device)
-        .with_context(|| format!("loading {} on {}", model_dir.display(), args.device))?;
-    let (seed, scheduler) = (request.seed, request.scheduler);
+        .request)
+}
+
+/// The model on `--device`, and a line saying what runs.
+fn load_pipeline(
+    files: &ModelFiles,
+    args: &GenerateArgs,
+    request: &GenerationRequest,
+) -> Result<Box<dyn ImageGenerator>> {
+    let pipeline = load_on_device(files, args.device)
+        .with_context(|| format!("loading {} on {}", files.root.display(), args.device))?;
     eprintln!(
-        "seed {seed}, {}×{}, {} steps, {}, cfg {}, on {}",
+        "seed {}, {}×{}, {} steps, {}, cfg {}, on {}",
+        request.seed,
         request.width,
         request.height,
         request.steps,
-        scheduler.name(),
+        request.scheduler.name(),
         request.cfg_scale,
         pipeline.describe_device()
     );
+    Ok(pipeline)
+}
 
+fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let images = pipeline.generate(&request, &mut |p| {
-        bar.set_length(p.steps_per_image as u64);
-        bar.set_prefix(format!(
-            "image {}/{}",
-            p.image + 1,
-            request.number_of_images
-        ));
-        bar.set_position(p.step as u64);
-        true
-    })?;
-    bar.finish_and_clear();
+    bar
+}
 
+fn show_progress(bar: &ProgressBar, request: &GenerationRequest, p: Progress) -> bool {
+    bar.set_length(p.steps_per_image as u64);
+    bar.set_prefix(format!(
+        "image {}/{}",
+        p.image + 1,
+        request.number_of_images
+    ));
+    bar.set_position(p.step as u64);
+    true
+}
+
+/// Writes each image as a PNG with its A1111 parameters and prints its path and seed.
+fn save_images(
+    output: &Path,
+    request: &GenerationRequest,
+    images: &[GeneratedImage],
+    model: &str,
+    denoising_strength: Option<f64>,
+) -> Result<()> {
     for (i, generated) in images.iter().enumerate() {
-        let path = output_path(&args.output, i, images.len());
+        let path = output_path(output, i, images.len());
         let parameters = ImageParameters {
-            prompt: request.prompt.clone(),
-            negative_prompt: request.negative_prompt.clone(),
-            steps: request.steps,
-            sampler: scheduler.a1111_name().to_string(),
-            cfg_scale: request.cfg_scale,
-            seed: generated.seed,
-            width: request.width,
-            height: request.height,
-            model: pipeline.model_name().to_string(),
+            denoising_strength,
+            ..response::parameters(request, model, generated.seed)
         };
         save_png(&path, &generated.image, Some(&parameters))
             .with_context(|| format!("writing {}", path.display()))?;

@@ -627,6 +627,14 @@ pub trait ImageGenerator: Send {
         request: &GenerationRequest,
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>>;
+    /// See [`Pipeline::img2img`].
+    fn img2img(
+        &self,
+        request: &GenerationRequest,
+        init: &RgbImage,
+        strength: f64,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>>;
     /// The model's native `(width, height)`.
     fn native_size(&self) -> (usize, usize);
     /// Width and height must be multiples of this.
@@ -646,6 +654,15 @@ impl<B: Backend> ImageGenerator for Pipeline<B> {
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         Pipeline::generate(self, request, on_step)
+    }
+    fn img2img(
+        &self,
+        request: &GenerationRequest,
+        init: &RgbImage,
+        strength: f64,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        Pipeline::img2img(self, request, init, strength, on_step)
     }
     fn native_size(&self) -> (usize, usize) {
         Pipeline::native_size(self)

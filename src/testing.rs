@@ -77,6 +77,17 @@ impl ImageGenerator for FakeGenerator {
             .collect())
     }
 
+    /// As `generate` (the init image and strength are not looked at).
+    fn img2img(
+        &self,
+        request: &GenerationRequest,
+        _init: &RgbImage,
+        _strength: f64,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        self.generate(request, on_step)
+    }
+
     fn native_size(&self) -> (usize, usize) {
         (64, 64)
     }

@@ -1,4 +1,5 @@
-//! The `sd21 generate` and `sd21 selftest` commands end to end (the tiny fixture model for generate).
+//! The `sd21 generate`, `sd21 img2img` and `sd21 selftest` commands end to end (the tiny fixture
+//! model).
 
 mod common;
 
@@ -231,4 +232,111 @@ fn selftest_prints_its_table_and_says_plainly_when_there_is_no_gpu() {
         assert!(stderr.contains("no CUDA device to test"), "{stderr}");
         eprintln!("skipped the CUDA self-test: no CUDA device");
     }
+}
+
+/// `sd21 img2img` on the fixture's init image equals diffusers' StableDiffusionImg2ImgPipeline
+/// (reference/img2img.*, the ddim 0.75 case), and writes A1111's `Denoising strength`.
+#[test]
+fn img2img_from_a_png_equals_diffusers_and_resizes_odd_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(reference("img2img.safetensors")).unwrap();
+    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let init = fixture.tensor("init").unwrap();
+    let (h, w) = (init.shape()[0], init.shape()[1]);
+    let init_png = dir.path().join("init.png");
+    let rgb = sd21::image_io::RgbImage {
+        width: w,
+        height: h,
+        pixels: init.data().to_vec(),
+    };
+    sd21::image_io::save_png(&init_png, &rgb, None).unwrap();
+    let out = dir.path().join("out.png");
+    let result = sd21()
+        .args(["img2img", "--model"])
+        .arg(tiny_model())
+        .arg("--init-image")
+        .arg(&init_png)
+        .args(["--prompt", "a photograph of an astronaut riding a horse"])
+        .args([
+            "--negative-prompt",
+            "blurry, low quality",
+            "--strength",
+            "0.75",
+        ])
+        .args(["--steps", "7", "--cfg-scale", "7.5", "--scheduler", "ddim"])
+        .args(["--seed", "208513106212", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    let (ow, oh, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
+    assert_eq!((ow as usize, oh as usize), (w, h));
+    assert!(text.contains("Denoising strength: 0.75"), "{text}");
+    let expected = fixture.tensor("ddim_strength0.75").unwrap();
+    let max = pixels
+        .iter()
+        .zip(expected.data())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(max <= 2, "max |diff| {max}/255 against diffusers");
+
+    // A size that is not a multiple of 8 is rounded down, and the image resized to it.
+    let odd = sd21::image_io::resize(&rgb, 70, 50).unwrap();
+    let odd_png = dir.path().join("odd.png");
+    sd21::image_io::save_png(&odd_png, &odd, None).unwrap();
+    let odd_out = dir.path().join("odd-out.png");
+    let result = sd21()
+        .args(["img2img", "--model"])
+        .arg(tiny_model())
+        .arg("--init-image")
+        .arg(&odd_png)
+        .args(["--prompt", "x", "--steps", "2", "--output"])
+        .arg(&odd_out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resizing the init image from 70×50 to 64×48"),
+        "{stderr}"
+    );
+    let (ow, oh, _, _) = decode_png(&std::fs::read(&odd_out).unwrap());
+    assert_eq!((ow, oh), (64, 48));
+
+    // Errors are messages, not panics.
+    for extra in [&["--strength", "1.5"][..], &["--strength", "0.01"][..]] {
+        let result = sd21()
+            .args(["img2img", "--model"])
+            .arg(tiny_model())
+            .arg("--init-image")
+            .arg(&init_png)
+            .args(["--prompt", "x", "--output", "/tmp/never.png"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(
+            !result.status.success() && stderr.contains("strength"),
+            "{extra:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let not_an_image = dir.path().join("not.png");
+    std::fs::write(&not_an_image, b"hello").unwrap();
+    let result = sd21()
+        .args(["img2img", "--model"])
+        .arg(tiny_model())
+        .arg("--init-image")
+        .arg(&not_an_image)
+        .args(["--prompt", "x", "--output", "/tmp/never.png"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        !result.status.success() && stderr.contains("--init-image"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

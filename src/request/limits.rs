@@ -14,6 +14,8 @@ pub const DEFAULT_STEPS: usize = 30;
 pub const DEFAULT_CFG_SCALE: f32 = 7.0;
 /// Images when the request gives none.
 pub const DEFAULT_IMAGES: usize = 1;
+/// img2img's strength when the request gives none (diffusers' default).
+pub const DEFAULT_STRENGTH: f64 = 0.75;
 
 /// The configurable limits (`--max-pixels`, `--max-steps`, `--max-images`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

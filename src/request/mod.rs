@@ -20,6 +20,6 @@ pub use error::ValidationError;
 pub use generate::{GenerateRules, Validated};
 pub use limits::{
     min_side, Limits, CFG_SCALE_RANGE, DEFAULT_CFG_SCALE, DEFAULT_IMAGES, DEFAULT_STEPS,
-    MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_SIDE,
+    DEFAULT_STRENGTH, MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_SIDE,
 };
 pub use schema::RequestSchema;

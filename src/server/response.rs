@@ -80,6 +80,7 @@ pub fn parameters(request: &GenerationRequest, model: &str, seed: u64) -> ImageP
         width: request.width,
         height: request.height,
         model: model.to_string(),
+        denoising_strength: None,
     }
 }
 
