@@ -23,7 +23,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 use tokio::sync::oneshot;
 
 use crate::error::Fault;
-use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator};
+use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Start};
 use crate::sampling::SchedulerKind;
 use crate::Error;
 
@@ -223,6 +223,7 @@ impl Drop for Ticket {
 
 struct Job {
     request: GenerationRequest,
+    start: Start,
     /// Raised when the ticket is dropped.
     cancel: Arc<AtomicBool>,
     /// Raised by the caller's own signal (e.g. the client's connection closed).
@@ -304,11 +305,21 @@ impl Engine {
         ))
     }
 
-    /// Admits a job or refuses it at once. The job is cancelled when its ticket is dropped, or
-    /// when `client_gone` (if given) is raised.
+    /// Admits a txt2img job or refuses it at once (see [`Engine::submit_from`]).
     pub fn submit(
         &self,
         request: GenerationRequest,
+        client_gone: Option<Arc<AtomicBool>>,
+    ) -> Result<Ticket, SubmitError> {
+        self.submit_from(request, Start::Noise, client_gone)
+    }
+
+    /// Admits a job starting from `start` or refuses it at once. The job is cancelled when its
+    /// ticket is dropped, or when `client_gone` (if given) is raised.
+    pub fn submit_from(
+        &self,
+        request: GenerationRequest,
+        start: Start,
         client_gone: Option<Arc<AtomicBool>>,
     ) -> Result<Ticket, SubmitError> {
         if !self.is_ready() {
@@ -341,6 +352,7 @@ impl Engine {
         let deadline = now + timeout;
         queue.jobs.push_back(Job {
             request,
+            start,
             cancel: cancel.clone(),
             client_gone,
             enqueued: now,
@@ -542,7 +554,7 @@ fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
         let metrics = &shared.metrics;
         let mut last_step: Option<Instant> = None;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            generator.generate(&job.request, &mut |progress| {
+            job.start.run(generator, &job.request, &mut |progress| {
                 let now = Instant::now();
                 // Step 1 of each image also holds prompt encoding or the previous decode.
                 if let (true, Some(last)) = (progress.step > 1, last_step) {

@@ -55,17 +55,35 @@ impl ImageParameters {
     }
 }
 
-/// Reads an image file (PNG, JPEG or WebP) as 8-bit RGB, as diffusers' `load_image` does: the
-/// EXIF orientation applied, then PIL's `convert("RGB")` (alpha dropped, gray replicated, 16-bit
-/// scaled to 8).
-pub fn load_image(path: &Path) -> Result<RgbImage> {
+/// Reads an image file (PNG, JPEG or WebP) as 8-bit RGB (see [`decode_image`]), of at most
+/// `max_pixels` pixels.
+pub fn load_image(path: &Path, max_pixels: usize) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, max_pixels).map_err(|e| Error::Image(format!("{}: {e}", path.display())))
+}
+
+/// Decodes PNG, JPEG or WebP bytes as 8-bit RGB, as diffusers' `load_image` does: the EXIF
+/// orientation applied, then PIL's `convert("RGB")` (alpha dropped, gray replicated, 16-bit
+/// scaled to 8). An image of more than `max_pixels` pixels is refused from its header, before
+/// its pixels are decoded (a decompression bomb costs nothing).
+pub fn decode_image(bytes: &[u8], max_pixels: usize) -> Result<RgbImage> {
     use image::ImageDecoder;
-    let fail = |e: image::ImageError| Error::Image(format!("{}: {e}", path.display()));
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
+    let fail = |e: image::ImageError| Error::Image(e.to_string());
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
+        .map_err(|e| Error::Image(e.to_string()))?;
     let mut decoder = reader.into_decoder().map_err(fail)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels as u64 {
+        return Err(Error::Image(format!(
+            "{width}×{height} is more than {max_pixels} pixels"
+        )));
+    }
+    let mut limits = image::Limits::default();
+    // The decoded image and its RGB copy, with room for 16-bit RGBA.
+    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(1 << 20));
+    decoder.set_limits(limits).map_err(fail)?;
     let orientation = decoder.orientation().map_err(fail)?;
     let mut image = image::DynamicImage::from_decoder(decoder).map_err(fail)?;
     image.apply_orientation(orientation);
@@ -178,6 +196,23 @@ mod tests {
             .join("");
         buf.truncate(info.buffer_size());
         (info, buf, text)
+    }
+
+    #[test]
+    fn decoding_refuses_large_images_from_the_header_and_non_images() {
+        let img = RgbImage {
+            width: 40,
+            height: 30,
+            pixels: (0..40 * 30 * 3).map(|i| (i % 251) as u8).collect(),
+        };
+        let png = encode_png(&img, None).unwrap();
+        assert_eq!(decode_image(&png, 1200).unwrap(), img);
+        let err = decode_image(&png, 1199).unwrap_err().to_string();
+        assert!(err.contains("40×30 is more than 1199 pixels"), "{err}");
+        assert!(decode_image(b"hello", 1 << 20).is_err());
+        assert!(decode_image(&png[..png.len() / 2], 1 << 20).is_err(), "truncated");
+        let small = resize(&img, 8, 6).unwrap();
+        assert_eq!((small.width, small.height, small.pixels.len()), (8, 6, 8 * 6 * 3));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::CudaBackend;
 use sd21::backend::{selftest, Device};
 use sd21::engine::ModelInfo;
-use sd21::image_io::{load_image, resize, save_png, ImageParameters};
+use sd21::image_io::{load_image, resize, save_png};
 use sd21::pipeline::{
     load_on_device, GeneratedImage, GenerationRequest, ImageGenerator, ModelConfigs, Progress,
 };
@@ -293,7 +293,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn img2img(args: Img2ImgArgs) -> Result<()> {
-    let init = load_image(&args.init_image)
+    let max_pixels = Limits::cli().max_pixels;
+    let init = load_image(&args.init_image, max_pixels)
         .with_context(|| format!("reading --init-image {}", args.init_image.display()))?;
     let (files, mut model) = locate_model(&args.generate)?;
     // Width and height default to the init image's size, rounded down to the latent factor.
@@ -406,10 +407,7 @@ fn save_images(
 ) -> Result<()> {
     for (i, generated) in images.iter().enumerate() {
         let path = output_path(output, i, images.len());
-        let parameters = ImageParameters {
-            denoising_strength,
-            ..response::parameters(request, model, generated.seed)
-        };
+        let parameters = response::parameters(request, model, generated.seed, denoising_strength);
         save_png(&path, &generated.image, Some(&parameters))
             .with_context(|| format!("writing {}", path.display()))?;
         println!("{} (seed {})", path.display(), generated.seed);

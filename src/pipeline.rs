@@ -2,7 +2,7 @@
 //! decode → pixels. Latents stay on the host in NCHW order between steps, so the noise drawn for
 //! them is exactly what diffusers draws with the same seed.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, RecordingId};
@@ -617,6 +617,28 @@ pub fn load_on_device(files: &ModelFiles, device: Device) -> Result<Box<dyn Imag
 pub fn cuda_graphs() -> UnetRecorder<CudaBackend> {
     let recording = RecordingId::new();
     Box::new(move |backend: &CudaBackend, inputs, f| backend.run_recorded(recording, inputs, f))
+}
+
+/// Where a generation's latents start: from noise (txt2img) or from an image (img2img).
+#[derive(Debug, Clone)]
+pub enum Start {
+    Noise,
+    Image { init: Arc<RgbImage>, strength: f64 },
+}
+
+impl Start {
+    /// Runs `request` on `generator` from this start.
+    pub fn run(
+        &self,
+        generator: &dyn ImageGenerator,
+        request: &GenerationRequest,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        match self {
+            Start::Noise => generator.generate(request, on_step),
+            Start::Image { init, strength } => generator.img2img(request, init, *strength, on_step),
+        }
+    }
 }
 
 /// A loaded model on some backend, as the engine and the CLI see it (the backend's type erased).

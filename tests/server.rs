@@ -539,11 +539,102 @@ fn same_seed_same_bytes_and_batch_image_i_equals_a_single_request_with_seed_plus
     assert_eq!(grid_cell(&pixels, gw as usize, 64, 72, 1, 1), fourth);
 }
 
+/// `POST /img2img/` equals diffusers' StableDiffusionImg2ImgPipeline (reference/img2img.*: the
+/// ddim 0.75 case), with a data: URL prefix too; bad images and strengths are 422 naming the
+/// field; the spec lists the route with its limits.
+#[test]
+fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
+    let server = Server::start(&[]);
+    let bytes = std::fs::read(common::reference("img2img.safetensors")).unwrap();
+    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let init = fixture.tensor("init").unwrap();
+    let rgb = sd21::image_io::RgbImage {
+        width: init.shape()[1],
+        height: init.shape()[0],
+        pixels: init.data().to_vec(),
+    };
+    let png = sd21::image_io::encode_png(&rgb, None).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let body = |init_image: &str, strength: Value| {
+        json!({
+            "prompt": "a photograph of an astronaut riding a horse",
+            "negative_prompt": "blurry, low quality",
+            "init_image": init_image, "strength": strength, "steps": 7, "cfg_scale": 7.5,
+            "scheduler": "ddim", "seed": 208513106212u64,
+        })
+    };
+    let post = |body: &Value| {
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "image/png"),
+        ];
+        send(
+            server.addr,
+            "POST",
+            "/img2img/",
+            &headers,
+            Some(body.to_string().as_bytes()),
+        )
+    };
+    let expected = fixture.tensor("ddim_strength0.75").unwrap();
+    for init_image in [b64.clone(), format!("data:image/png;base64,{b64}")] {
+        let reply = post(&body(&init_image, json!(0.75)));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let (w, h, pixels, text) = decode_png(&reply.body);
+        assert_eq!((w, h), (72, 56));
+        assert!(text.contains("Denoising strength: 0.75"), "{text}");
+        let max = pixels
+            .iter()
+            .zip(expected.data())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap_or(0);
+        assert!(max <= 2, "max |diff| {max}/255 against diffusers");
+    }
+    let text_b64 = base64::engine::general_purpose::STANDARD.encode(b"not an image");
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("no init image", json!({"prompt": "a"}), "init_image"),
+        ("not base64", body("%%%", json!(0.5)), "init_image"),
+        ("not an image", body(&text_b64, json!(0.5)), "init_image"),
+        (
+            "truncated image",
+            body(
+                &base64::engine::general_purpose::STANDARD.encode(&png[..png.len() / 2]),
+                json!(0.5),
+            ),
+            "init_image",
+        ),
+        ("strength above 1", body(&b64, json!(1.5)), "strength"),
+        ("no step left", body(&b64, json!(0.05)), "strength"),
+    ];
+    for (what, body, field) in cases {
+        let reply = post(&body);
+        assert_eq!(reply.status, 422, "{what}: {}", reply.text());
+        assert_eq!(reply.json()["field"], field, "{what}: {}", reply.text());
+    }
+    let spec = get(server.addr, "/openapi.json", &[]).json();
+    assert!(
+        spec["paths"]["/img2img/"]["post"].is_object(),
+        "{}",
+        spec["paths"]
+    );
+    let schema = &spec["components"]["schemas"]["Img2ImgRequest"];
+    assert_eq!(schema["required"], json!(["prompt", "init_image"]));
+    assert_eq!(
+        schema["properties"]["strength"]["maximum"].as_f64(),
+        Some(1.0)
+    );
+    assert_eq!(
+        schema["properties"]["steps"]["maximum"].as_f64(),
+        Some(150.0)
+    );
+}
+
 #[test]
 fn the_original_api_example_request_works() {
     // The README's curl, field for field, at 64×64 instead of 512×512: 30 steps at 512² take
     // about a minute on the tiny model in the test profile. The exact body (512×512) is
-    // checked by `validation::tests::the_original_api_example_validates`.
+    // checked by `request::generate::tests::the_original_api_example_validates`.
     let server = Server::start(&[]);
     let body = br#"{
   "prompt": "Illustration of a Stable Diffusion FastAPI API, comic novel, ligth pastel colors",

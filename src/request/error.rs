@@ -62,6 +62,12 @@ pub enum ValidationError {
         scheduler_names()
     )]
     NoDefaultScheduler { reason: String },
+    #[error("{field} is not a usable image: {reason}")]
+    InvalidImage { field: &'static str, reason: String },
+    #[error("strength must be between 0 and 1, got {value}")]
+    StrengthOutOfRange { value: f64 },
+    #[error("strength {strength} of {steps} steps leaves no step to run (strength × steps < 1)")]
+    NoStepLeft { strength: f64, steps: usize },
 }
 
 impl ValidationError {
@@ -81,6 +87,10 @@ impl ValidationError {
             ValidationError::SeedOutOfRange { .. } => "seed",
             ValidationError::UnknownScheduler { .. }
             | ValidationError::NoDefaultScheduler { .. } => "scheduler",
+            ValidationError::InvalidImage { field, .. } => field,
+            ValidationError::StrengthOutOfRange { .. } | ValidationError::NoStepLeft { .. } => {
+                "strength"
+            }
         }
     }
 }

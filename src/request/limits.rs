@@ -8,6 +8,8 @@ pub const MAX_SIDE: usize = 4096;
 pub const CFG_SCALE_RANGE: (f64, f64) = (0.0, 30.0);
 /// Largest request body accepted (a maximal request with escaped prompts is ~50 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest body of the routes that carry images (base64 adds a third to an encoded image).
+pub const MAX_IMAGE_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Steps when the request gives none.
 pub const DEFAULT_STEPS: usize = 30;
 /// Guidance scale when the request gives none.

@@ -5,13 +5,14 @@
 //! break), `json.rs` (the readers every body shares: `null` is "the default", an integral float
 //! is an integer, messages name the field and the value), `schema.rs` (the OpenAPI side: the
 //! running server's limits reach the schema through [`schema::with_context`]) and one file per
-//! body: `generate.rs` (`POST /generate/` and `sd21 generate`).
+//! body: `generate.rs` (`POST /generate/` and `sd21 generate`), `img2img.rs` (`POST /img2img/`).
 //!
 //! Adding a body: a rules type built from [`Limits`] (and the model), whose `parse` reads the
 //! fields with `json.rs` and whose `schema` lists the same bounds, plus `impl RequestSchema`.
 
 mod error;
 pub mod generate;
+pub mod img2img;
 mod json;
 mod limits;
 pub mod schema;
@@ -20,6 +21,6 @@ pub use error::ValidationError;
 pub use generate::{GenerateRules, Validated};
 pub use limits::{
     min_side, Limits, CFG_SCALE_RANGE, DEFAULT_CFG_SCALE, DEFAULT_IMAGES, DEFAULT_STEPS,
-    DEFAULT_STRENGTH, MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_SIDE,
+    DEFAULT_STRENGTH, MAX_BODY_BYTES, MAX_IMAGE_BODY_BYTES, MAX_PROMPT_CHARS, MAX_SIDE,
 };
 pub use schema::RequestSchema;

@@ -47,6 +47,8 @@ pub fn context() -> SchemaContext {
 pub trait RequestSchema {
     /// The schema's name under `#/components/schemas/`.
     const NAME: &'static str;
+    /// The largest body the route reads.
+    const MAX_BODY_BYTES: usize = super::limits::MAX_BODY_BYTES;
     /// The body's schema for a server with this context.
     fn schema(context: &SchemaContext) -> MetaSchema;
 }
@@ -98,6 +100,11 @@ impl Property {
 
     pub fn one_of(mut self, names: impl IntoIterator<Item = &'static str>) -> Self {
         self.schema.enum_items = names.into_iter().map(Value::from).collect();
+        self
+    }
+
+    pub fn format(mut self, format: &'static str) -> Self {
+        self.schema.format = Some(format);
         self
     }
 

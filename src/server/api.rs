@@ -18,9 +18,12 @@ use super::connection::Connections;
 use super::error::{ApiError, ErrorBody};
 use super::metrics::{Metrics, CLIENT_CLOSED};
 use super::response::{self, Encoded};
-use crate::engine::{Engine, SubmitError};
+use crate::engine::{Engine, ModelInfo, SubmitError};
+use crate::pipeline::Start;
 use crate::request::generate::GenerateRequest;
-use crate::request::{GenerateRules, Limits};
+use crate::request::img2img::{Img2ImgRequest, Img2ImgRules};
+use crate::request::{GenerateRules, Limits, Validated, ValidationError};
+use serde_json::Value;
 
 /// The routes and what they share.
 #[derive(Clone)]
@@ -130,21 +133,37 @@ impl Api {
         remote: &RemoteAddr,
         body: JsonBody<GenerateRequest>,
     ) -> Result<Generated, ApiError> {
-        let record = self.metrics.start_request();
-        let client_gone = self.connections.client_gone(remote);
-        let result = self
-            .generate_images(headers, client_gone.clone(), body)
-            .await;
-        let gone = client_gone.is_some_and(|g| g.load(std::sync::atomic::Ordering::Relaxed));
-        match &result {
-            Err(e) if gone => {
-                tracing::info!(error = %e, "the client went away; its job was cancelled");
-                record.finish_as(CLIENT_CLOSED);
-            }
-            Ok(_) => record.finish_as(StatusCode::OK.as_str()),
-            Err(e) => record.finish_as(e.status().as_str()),
-        }
-        result
+        let limits = self.limits;
+        let parse = move |body: Value, model: &ModelInfo| {
+            let rules = GenerateRules::new(limits, model.latent_factor);
+            Ok((rules.parse(body, model, random_seed)?, Start::Noise))
+        };
+        self.answer(headers, remote, body.bytes(), parse).await
+    }
+
+    /// Generate images from an image and a prompt (img2img)
+    ///
+    /// As diffusers' StableDiffusionImg2ImgPipeline: `/generate/`'s fields plus `init_image`
+    /// (base64 PNG, JPEG or WebP) and `strength` (how much of the schedule runs from the noised
+    /// image). The same answers as `/generate/`; bodies up to 16 MiB.
+    #[oai(path = "/img2img", method = "post", operation_id = "img2img")]
+    async fn img2img(
+        &self,
+        headers: &HeaderMap,
+        remote: &RemoteAddr,
+        body: JsonBody<Img2ImgRequest>,
+    ) -> Result<Generated, ApiError> {
+        let limits = self.limits;
+        let parse = move |body: Value, model: &ModelInfo| {
+            let rules = Img2ImgRules::new(limits, model.latent_factor);
+            let v = rules.parse(body, model, random_seed)?;
+            let start = Start::Image {
+                init: Arc::new(v.init),
+                strength: v.strength,
+            };
+            Ok((v.generation, start))
+        };
+        self.answer(headers, remote, body.bytes(), parse).await
     }
 
     /// Liveness: the process serves HTTP
@@ -179,12 +198,49 @@ impl Api {
     }
 }
 
+/// A random seed for requests that ask for one (-1 or none).
+fn random_seed() -> u64 {
+    u64::from(rand::random::<u32>())
+}
+
+/// A route's body, parsed by its request type into the generation and where it starts.
+type ParseBody =
+    dyn FnOnce(Value, &ModelInfo) -> Result<(Validated, Start), ValidationError> + Send;
+
 impl Api {
+    /// One generation route: counted in the request metrics (499 when the client went away).
+    async fn answer(
+        &self,
+        headers: &HeaderMap,
+        remote: &RemoteAddr,
+        body: Result<Vec<u8>, ApiError>,
+        parse: impl FnOnce(Value, &ModelInfo) -> Result<(Validated, Start), ValidationError>
+            + Send
+            + 'static,
+    ) -> Result<Generated, ApiError> {
+        let record = self.metrics.start_request();
+        let client_gone = self.connections.client_gone(remote);
+        let result = self
+            .generate_images(headers, client_gone.clone(), body, Box::new(parse))
+            .await;
+        let gone = client_gone.is_some_and(|g| g.load(std::sync::atomic::Ordering::Relaxed));
+        match &result {
+            Err(e) if gone => {
+                tracing::info!(error = %e, "the client went away; its job was cancelled");
+                record.finish_as(CLIENT_CLOSED);
+            }
+            Ok(_) => record.finish_as(StatusCode::OK.as_str()),
+            Err(e) => record.finish_as(e.status().as_str()),
+        }
+        result
+    }
+
     async fn generate_images(
         &self,
         headers: &HeaderMap,
         client_gone: Option<Arc<std::sync::atomic::AtomicBool>>,
-        body: JsonBody<GenerateRequest>,
+        body: Result<Vec<u8>, ApiError>,
+        parse: Box<ParseBody>,
     ) -> Result<Generated, ApiError> {
         let started = Instant::now();
         let accept = headers
@@ -193,15 +249,18 @@ impl Api {
         let format = response::negotiate(accept).ok_or_else(|| ApiError::NotAcceptable {
             accept: accept.unwrap_or("").chars().take(100).collect(),
         })?;
-        let body = body.bytes()?;
+        let body = body?;
         let model = self.engine.model().ok_or(SubmitError::NotReady)?;
         let model_name = model.name.clone();
-        let rules = GenerateRules::new(self.limits, model.latent_factor);
-        let validated = rules.parse(parse_json(&body)?, model, || {
-            u64::from(rand::random::<u32>())
-        })?;
+        let (validated, start) = parse(parse_json(&body)?, model)?;
         let request = validated.request;
-        let ticket = self.engine.submit(request.clone(), client_gone)?;
+        let strength = match &start {
+            Start::Noise => None,
+            Start::Image { strength, .. } => Some(*strength),
+        };
+        let ticket = self
+            .engine
+            .submit_from(request.clone(), start, client_gone)?;
         let output = ticket.wait().await?;
 
         let encode_started = Instant::now();
@@ -210,7 +269,7 @@ impl Api {
         let encode_request = request.clone();
         let encode_model = model_name.clone();
         let encoded = tokio::task::spawn_blocking(move || {
-            response::encode(format, &encode_request, &encode_model, &images)
+            response::encode(format, &encode_request, &encode_model, strength, &images)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("encoding task: {e}")))?
@@ -263,16 +322,17 @@ impl Api {
     }
 }
 
-/// [`Api`] as documented: the original API's path `/generate/`, with its trailing slash (the
-/// route itself is `/generate`, which the server's path normalisation makes answer both).
+/// [`Api`] as documented: the original API's paths `/generate/` and `/img2img/`, with their
+/// trailing slash (the routes are `/generate` and `/img2img`, which the server's path
+/// normalisation makes answer both).
 pub struct Documented(pub Api);
 
 impl OpenApi for Documented {
     fn meta() -> Vec<MetaApi> {
         let mut apis = Api::meta();
         for path in apis.iter_mut().flat_map(|api| api.paths.iter_mut()) {
-            if path.path == "/generate" {
-                path.path = "/generate/".into();
+            if path.path == "/generate" || path.path == "/img2img" {
+                path.path.push('/');
             }
         }
         apis

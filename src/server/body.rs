@@ -1,5 +1,5 @@
 //! A request body as the routes receive it: read ([`JsonBody`]: the content type, at most
-//! [`MAX_BODY_BYTES`]), parsed as JSON (400 when it is not), then checked by its request type
+//! the request type's `MAX_BODY_BYTES`), parsed as JSON (400 when it is not), then checked by its request type
 //! (`crate::request`, 422 naming the field). The schema `/openapi.json` shows for a body is its
 //! request type's, with the running server's limits.
 
@@ -12,7 +12,7 @@ use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::request::{schema, RequestSchema, MAX_BODY_BYTES};
+use crate::request::{schema, RequestSchema};
 
 /// The raw JSON body of a route whose request type is `T`, or why it could not be read (wrong
 /// content type, too large). Reading never fails the extraction: the handler answers every
@@ -60,15 +60,19 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
         Ok(JsonBody {
-            bytes: read_json_body(request, body).await,
+            bytes: read_json_body(request, body, T::MAX_BODY_BYTES).await,
             request_type: PhantomData,
         })
     }
 }
 
-/// The body of a JSON request, at most [`MAX_BODY_BYTES`]. A missing Content-Type is taken
+/// The body of a JSON request, at most `limit` bytes (the route's `RequestSchema::MAX_BODY_BYTES`). A missing Content-Type is taken
 /// as JSON (as FastAPI does); any other than `application/json` or `…+json` is refused.
-async fn read_json_body(request: &Request, body: &mut RequestBody) -> Result<Vec<u8>, ApiError> {
+async fn read_json_body(
+    request: &Request,
+    body: &mut RequestBody,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
     if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
         let text = content_type.to_str().unwrap_or("");
         let essence = text
@@ -90,17 +94,15 @@ async fn read_json_body(request: &Request, body: &mut RequestBody) -> Result<Vec
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(ApiError::PayloadTooLarge {
-            limit: MAX_BODY_BYTES,
-        });
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
     }
     let body = body.take().map_err(|e| ApiError::Internal(e.to_string()))?;
-    match body.into_bytes_limit(MAX_BODY_BYTES).await {
+    match body.into_bytes_limit(limit).await {
         Ok(bytes) => Ok(bytes.to_vec()),
-        Err(poem::error::ReadBodyError::PayloadTooLarge) => Err(ApiError::PayloadTooLarge {
-            limit: MAX_BODY_BYTES,
-        }),
+        Err(poem::error::ReadBodyError::PayloadTooLarge) => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
         Err(e) => Err(ApiError::BodyRead(e.to_string())),
     }
 }

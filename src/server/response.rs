@@ -68,8 +68,13 @@ pub enum Encoded {
     Json(Vec<String>),
 }
 
-/// The A1111 `parameters` of one image of `request`.
-pub fn parameters(request: &GenerationRequest, model: &str, seed: u64) -> ImageParameters {
+/// The A1111 `parameters` of one image of `request` (with img2img's strength, when there is one).
+pub fn parameters(
+    request: &GenerationRequest,
+    model: &str,
+    seed: u64,
+    denoising_strength: Option<f64>,
+) -> ImageParameters {
     ImageParameters {
         prompt: request.prompt.clone(),
         negative_prompt: request.negative_prompt.clone(),
@@ -80,7 +85,7 @@ pub fn parameters(request: &GenerationRequest, model: &str, seed: u64) -> ImageP
         width: request.width,
         height: request.height,
         model: model.to_string(),
-        denoising_strength: None,
+        denoising_strength,
     }
 }
 
@@ -90,10 +95,13 @@ pub fn encode(
     format: Format,
     request: &GenerationRequest,
     model: &str,
+    denoising_strength: Option<f64>,
     images: &[GeneratedImage],
 ) -> Result<Encoded> {
-    let png =
-        |image: &RgbImage, seed: u64| encode_png(image, Some(&parameters(request, model, seed)));
+    let png = |image: &RgbImage, seed: u64| {
+        let parameters = parameters(request, model, seed, denoising_strength);
+        encode_png(image, Some(&parameters))
+    };
     match (format, images) {
         (_, []) => Err(Error::Image("no images to encode".into())),
         (Format::Png, [one]) => Ok(Encoded::Png(png(&one.image, one.seed)?)),
