@@ -210,9 +210,15 @@ mod tests {
         let err = decode_image(&png, 1199).unwrap_err().to_string();
         assert!(err.contains("40×30 is more than 1199 pixels"), "{err}");
         assert!(decode_image(b"hello", 1 << 20).is_err());
-        assert!(decode_image(&png[..png.len() / 2], 1 << 20).is_err(), "truncated");
+        assert!(
+            decode_image(&png[..png.len() / 2], 1 << 20).is_err(),
+            "truncated"
+        );
         let small = resize(&img, 8, 6).unwrap();
-        assert_eq!((small.width, small.height, small.pixels.len()), (8, 6, 8 * 6 * 3));
+        assert_eq!(
+            (small.width, small.height, small.pixels.len()),
+            (8, 6, 8 * 6 * 3)
+        );
     }
 
     #[test]

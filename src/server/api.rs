@@ -48,6 +48,9 @@ pub struct GenerationParameters {
     pub scheduler: String,
     pub number_of_images: u64,
     pub model: String,
+    /// img2img's strength (`/img2img/` only).
+    #[oai(skip_serializing_if_is_none)]
+    pub strength: Option<f64>,
 }
 
 /// Where the time went, in seconds.
@@ -75,7 +78,7 @@ pub enum ImageOrJson {
     #[oai(content_type = "image/png")]
     Png(Binary<Vec<u8>>),
     /// Base64 PNGs, seeds, parameters and timings.
-    Json(Json<GenerateResult>),
+    Json(Json<Box<GenerateResult>>),
 }
 
 #[derive(ApiResponse)]
@@ -295,7 +298,7 @@ impl Api {
         );
         let content = match encoded {
             Encoded::Png(bytes) => ImageOrJson::Png(Binary(bytes)),
-            Encoded::Json(images) => ImageOrJson::Json(Json(GenerateResult {
+            Encoded::Json(images) => ImageOrJson::Json(Json(Box::new(GenerateResult {
                 images,
                 seeds: seeds.clone(),
                 parameters: GenerationParameters {
@@ -309,6 +312,7 @@ impl Api {
                     scheduler: request.scheduler.name().to_string(),
                     number_of_images: request.number_of_images as u64,
                     model: model_name,
+                    strength,
                 },
                 timings: Timings {
                     queue_seconds: output.queued.as_secs_f64(),
@@ -316,7 +320,7 @@ impl Api {
                     encode_seconds: encode_started.elapsed().as_secs_f64(),
                     total_seconds: started.elapsed().as_secs_f64(),
                 },
-            })),
+            }))),
         };
         Ok(Generated::Ok(content, x_seeds))
     }
