@@ -583,6 +583,42 @@ def ref_img2img(pipe):
     write_json(os.path.join(REF_DIR, "img2img.json"), meta)
 
 
+INPAINT_CASES = [("ddim", 1.0), ("euler_a", 1.0), ("dpmpp_2m", 0.75), ("pndm", 1.0)]
+
+
+def ref_inpaint(pipe):
+    """StableDiffusionInpaintPipeline with the tiny (4-channel) model: the ddim_epsilon image, a
+    white rectangle as the mask (repaint) on black (keep), with soft edges to test binarisation."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import StableDiffusionInpaintPipeline
+    from safetensors.torch import load_file
+    init = load_file(os.path.join(REF_DIR, "images.safetensors"))["ddim_epsilon"].numpy()
+    h, w = init.shape[:2]
+    mask = np.zeros((h, w, 3), dtype=np.uint8)
+    mask[8:40, 16:48] = 255
+    mask[40:44, 16:48] = 120  # below 0.5 after grayscale: kept
+    mask[4:8, 16:48] = (200, 150, 90)  # gray 160: repainted
+    inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    u8 = {"image": torch.from_numpy(init), "mask": torch.from_numpy(mask)}
+    meta = []
+    for scheduler, strength in INPAINT_CASES:
+        name = f"{scheduler}_strength{strength}"
+        inpaint.scheduler = load_scheduler(scheduler, prediction_type="epsilon")
+        img = inpaint(PROMPT, image=Image.fromarray(init), mask_image=Image.fromarray(mask),
+                      strength=strength, num_inference_steps=7, guidance_scale=7.5,
+                      negative_prompt=NEGATIVE, output_type="np", height=h, width=w,
+                      generator=torch.Generator("cpu").manual_seed(IMAGE_SEED)).images[0]
+        u8[name] = torch.from_numpy(np.round(img * 255.0).astype(np.uint8))
+        meta.append(dict(name=name, scheduler=scheduler, strength=strength, prompt=PROMPT,
+                         negative_prompt=NEGATIVE, steps=7, guidance_scale=7.5, seed=IMAGE_SEED,
+                         width=int(w), height=int(h)))
+        print(f"  inpaint {name}: pixel std {image_stats(img)['std']:.3f}")
+    save_st("inpaint.safetensors", u8)
+    write_json(os.path.join(REF_DIR, "inpaint.json"), meta)
+
+
 # --------------------------------------------------------------------------------------------
 # A pure-Python model of torch's CPU randn (documentation for the Rust port, checked against torch)
 # --------------------------------------------------------------------------------------------
@@ -687,6 +723,8 @@ def main():
         ref_img2img_schedules()
     if "img2img" in stages:  # likewise (needs images.safetensors)
         ref_img2img(load_pipeline())
+    if "inpaint" in stages:  # likewise (needs images.safetensors)
+        ref_inpaint(load_pipeline())
     if "reference" in stages:
         pipe = load_pipeline()
         print("model health checks")
@@ -702,6 +740,7 @@ def main():
         ref_img2img_schedules()
         ref_images(pipe)
         ref_img2img(pipe)
+        ref_inpaint(pipe)
 
 
 if __name__ == "__main__":

@@ -308,6 +308,7 @@ impl<B: Backend> Pipeline<B> {
                 latents: latents.collect(),
                 first_step: 0,
                 rng,
+                keep: None,
             };
             self.denoise(request, context, guidance, start, on_step)
         })
@@ -352,6 +353,84 @@ impl<B: Backend> Pipeline<B> {
                 scheduler,
                 first_step,
                 rng,
+                keep: None,
+            };
+            self.denoise(request, context, guidance, start, on_step)
+        })
+    }
+
+    /// Inpainting as diffusers' `StableDiffusionInpaintPipeline` with a 4-channel model:
+    /// `mask` white (≥ 0.5 after PIL's grayscale) is repainted, black kept. The generator of
+    /// image i draws the image's posterior sample, the noise, then the masked image's posterior
+    /// sample (drawn and unused, as diffusers does for these models), then per-step noise; the
+    /// start is pure noise at strength 1, else the noised image; after every step the latents
+    /// outside the mask are reset to the image's, noised to the next step.
+    pub fn inpaint(
+        &self,
+        request: &GenerationRequest,
+        image: &RgbImage,
+        mask: &RgbImage,
+        strength: f64,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        self.check_request(request)?;
+        let Some(encoder) = &self.vae_encoder else {
+            return Err(Error::InvalidRequest(
+                "this model's VAE has no encoder, so it cannot inpaint".into(),
+            ));
+        };
+        let size = (request.width, request.height);
+        if (image.width, image.height) != size || (mask.width, mask.height) != size {
+            return Err(Error::InvalidRequest(format!(
+                "the image is {}×{} and the mask {}×{}, the request {}×{} (resizing is not \
+                 supported here yet)",
+                image.width, image.height, mask.width, mask.height, size.0, size.1
+            )));
+        }
+        let first_step = img2img_first_step(request.steps, strength)?;
+        let binary = binarize_mask(mask); // [H, W] in {0, 1}
+        let b = &self.backend;
+        let init = pixels_to_unit_range(image)?; // [1, H, W, 3]
+        let masked = HostTensor::new(
+            init.shape.clone(),
+            init.data
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if binary[i / 3] < 0.5 { v } else { 0.0 })
+                .collect(),
+        )?;
+        let posterior = encoder.posterior(b, &b.upload(&init)?)?;
+        let masked_posterior = encoder.posterior(b, &b.upload(&masked)?)?;
+        let (_, h, w) = self.latent_shape(request);
+        let f = self.latent_factor();
+        // torch's nearest resize by an exact factor: the top-left pixel of each f×f block.
+        let latent_mask: Vec<f32> = (0..h * w)
+            .map(|i| binary[(i / w) * f * request.width + (i % w) * f])
+            .collect();
+        let scale = self.vae.config().scaling_factor;
+        self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
+            let mut rng = TorchGenerator::new(seed);
+            let scheduler = self.scheduler(request)?;
+            let sample = posterior.sample(&mut rng); // [1, C, h, w]
+            let image_latents: Vec<f32> = sample.data.iter().map(|x| scale * x).collect();
+            let noise = rng.randn(image_latents.len());
+            let _unused = masked_posterior.sample(&mut rng);
+            let latents = if first_step == 0 {
+                let sigma = scheduler.init_noise_sigma();
+                noise.iter().map(|x| x * sigma).collect()
+            } else {
+                scheduler.add_noise(&image_latents, &noise, first_step)?
+            };
+            let start = DenoiseStart {
+                scheduler,
+                latents,
+                first_step,
+                rng,
+                keep: Some(KeptLatents {
+                    image_latents,
+                    noise,
+                    mask: latent_mask.clone(),
+                }),
             };
             self.denoise(request, context, guidance, start, on_step)
         })
@@ -445,6 +524,7 @@ impl<B: Backend> Pipeline<B> {
             mut latents,
             first_step,
             mut rng,
+            keep,
         } = start;
         let b = &self.backend;
         let (c, h, w) = self.latent_shape(request);
@@ -476,6 +556,9 @@ impl<B: Backend> Pipeline<B> {
                 out
             };
             latents = scheduler.step(&guided, i, &latents, &mut rng)?;
+            if let Some(keep) = &keep {
+                keep.blend(scheduler.as_ref(), &mut latents, i)?;
+            }
             if !on_step(i + 1 - first_step, total) {
                 return Err(Error::Cancelled);
             }
@@ -533,6 +616,41 @@ struct DenoiseStart {
     latents: Vec<f32>,
     first_step: usize,
     rng: TorchGenerator,
+    /// Inpainting with a 4-channel model: what is kept outside the mask after every step.
+    keep: Option<KeptLatents>,
+}
+
+/// diffusers' inpainting blend for 4-channel models: after step i the latents outside the mask
+/// become the original image's latents noised to step i + 1 (the original itself after the last).
+struct KeptLatents {
+    /// The init image's scaled latents, NCHW.
+    image_latents: Vec<f32>,
+    /// The noise the start latents were made with.
+    noise: Vec<f32>,
+    /// 1 where the model repaints, 0 where the image is kept: `[h, w]` (every channel alike).
+    mask: Vec<f32>,
+}
+
+impl KeptLatents {
+    fn blend(
+        &self,
+        scheduler: &dyn Scheduler,
+        latents: &mut [f32],
+        step_index: usize,
+    ) -> Result<()> {
+        let last = step_index + 1 >= scheduler.timesteps().len();
+        let proper = if last {
+            self.image_latents.clone()
+        } else {
+            scheduler.add_noise(&self.image_latents, &self.noise, step_index + 1)?
+        };
+        let plane = self.mask.len();
+        for (i, (l, p)) in latents.iter_mut().zip(proper).enumerate() {
+            let m = self.mask[i % plane];
+            *l = (1.0 - m) * p + m * *l;
+        }
+        Ok(())
+    }
 }
 
 /// One image's latents from (seed, prompt context, guidance, progress), in [`Pipeline::each_image`].
@@ -553,6 +671,23 @@ fn pixels_to_unit_range(image: &RgbImage) -> Result<HostTensor> {
         .map(|&p| 2.0 * (p as f32 / 255.0) - 1.0)
         .collect();
     HostTensor::new(vec![1, image.height, image.width, 3], data)
+}
+
+/// The mask as diffusers' mask processor reads it: PIL's grayscale (ITU-R 601, rounded as PIL
+/// does), /255, then 1 where ≥ 0.5, else 0. `[H, W]`.
+fn binarize_mask(mask: &RgbImage) -> Vec<f32> {
+    mask.pixels
+        .chunks_exact(3)
+        .map(|p| {
+            let (r, g, b) = (u32::from(p[0]), u32::from(p[1]), u32::from(p[2]));
+            let gray = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+            if gray as f32 / 255.0 >= 0.5 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// `[1, H, W, 3]` in [-1, 1] → 8-bit RGB.

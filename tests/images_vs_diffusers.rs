@@ -2,7 +2,8 @@
 //! against diffusers' `StableDiffusionPipeline` on the tiny fixture model
 //! (tests/fixtures/reference/images.*, made by scripts/make_fixtures.py); and img2img against
 //! `StableDiffusionImg2ImgPipeline` for six schedulers at strengths 0.3 to 1.0
-//! (reference/img2img.*).
+//! (reference/img2img.*), and inpainting with the 4-channel model against
+//! `StableDiffusionInpaintPipeline` (reference/inpaint.*).
 //!
 //! Tolerance (the issue's): mean |diff| ≤ 0.25/255 and max |diff| ≤ 2/255 against
 //! round(255·diffusers).
@@ -167,5 +168,63 @@ fn img2img_images_match_diffusers() {
     assert!(
         failures.is_empty(),
         "img2img images differ from diffusers: {failures:?}"
+    );
+}
+
+/// Inpainting against diffusers' `StableDiffusionInpaintPipeline` with the tiny 4-channel model
+/// (reference/inpaint.*: the ddim_epsilon image, a rectangular mask with soft edges); the same
+/// tolerance.
+#[test]
+fn inpainting_with_a_4_channel_model_matches_diffusers() {
+    let cases: Vec<Img2ImgCase> =
+        serde_json::from_str(&std::fs::read_to_string(reference("inpaint.json")).unwrap()).unwrap();
+    assert!(cases.len() >= 4);
+    let bytes = std::fs::read(reference("inpaint.safetensors")).unwrap();
+    let images = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rgb = |name: &str| {
+        let t = images.tensor(name).unwrap();
+        sd21::image_io::RgbImage {
+            width: t.shape()[1],
+            height: t.shape()[0],
+            pixels: t.data().to_vec(),
+        }
+    };
+    let (image, mask) = (rgb("image"), rgb("mask"));
+    let pipeline = load("epsilon");
+    let mut failures = Vec::new();
+    for case in &cases {
+        let request = GenerationRequest {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            width: case.width,
+            height: case.height,
+            steps: case.steps,
+            cfg_scale: case.guidance_scale,
+            seed: case.seed,
+            scheduler: SchedulerKind::from_name(&case.scheduler).unwrap(),
+            number_of_images: 1,
+        };
+        let ours = pipeline
+            .inpaint(&request, &image, &mask, case.strength, &mut |_| true)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let expected = images.tensor(&case.name).unwrap();
+        let (mut max, mut sum) = (0u8, 0u64);
+        for (a, b) in ours[0].image.pixels.iter().zip(expected.data()) {
+            let d = a.abs_diff(*b);
+            max = max.max(d);
+            sum += u64::from(d);
+        }
+        let mean = sum as f64 / ours[0].image.pixels.len() as f64;
+        eprintln!(
+            "inpaint {}: mean |diff| {mean:.4}/255, max {max}/255",
+            case.name
+        );
+        if mean > 0.25 || max > 2 {
+            failures.push(format!("{}: mean {mean:.4}, max {max}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "inpainted images differ from diffusers: {failures:?}"
     );
 }
