@@ -14,7 +14,7 @@ use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::CudaBackend;
 use sd21::backend::{selftest, Device};
 use sd21::engine::ModelInfo;
-use sd21::image_io::{load_image, resize, save_png};
+use sd21::image_io::{load_image, resize, save_png, RgbImage};
 use sd21::pipeline::{
     load_on_device, GeneratedImage, GenerationRequest, ImageGenerator, ModelConfigs, Progress,
 };
@@ -44,6 +44,8 @@ enum Command {
     Serve(ServeArgs),
     /// Generate images from an init image and a prompt (img2img) and write them as PNG files.
     Img2img(Img2ImgArgs),
+    /// Repaint the white part of a mask in an image from a prompt, and write PNG files.
+    Inpaint(InpaintArgs),
     /// Run every op once on a device against the CPU backend and print the table (exit 0 only
     /// when all pass); `sd21 serve` and `sd21 generate` run the same test before using a GPU.
     Selftest(SelftestArgs),
@@ -58,6 +60,21 @@ struct Img2ImgArgs {
     init_image: PathBuf,
     /// How much of the schedule is run from the noised init image: 0 keeps it, 1 ignores it.
     #[arg(long, default_value_t = request::DEFAULT_STRENGTH)]
+    strength: f64,
+    #[command(flatten)]
+    generate: GenerateArgs,
+}
+
+#[derive(clap::Args)]
+struct InpaintArgs {
+    /// The image to repaint (PNG, JPEG or WebP); width and height default as for img2img.
+    #[arg(long)]
+    image: PathBuf,
+    /// White (≥ 0.5 in grayscale) is repainted, black kept; resized to the image's size.
+    #[arg(long)]
+    mask: PathBuf,
+    /// How much of the schedule runs inside the mask: 1 starts from pure noise there.
+    #[arg(long, default_value_t = request::DEFAULT_INPAINT_STRENGTH)]
     strength: f64,
     #[command(flatten)]
     generate: GenerateArgs,
@@ -201,6 +218,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
         Command::Img2img(args) => img2img(args),
+        Command::Inpaint(args) => inpaint(args),
         Command::Selftest(args) => selftest(args),
     }
 }
@@ -293,23 +311,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn img2img(args: Img2ImgArgs) -> Result<()> {
-    let max_pixels = Limits::cli().max_pixels;
-    let init = load_image(&args.init_image, max_pixels)
-        .with_context(|| format!("reading --init-image {}", args.init_image.display()))?;
-    let (files, mut model) = locate_model(&args.generate)?;
-    // Width and height default to the init image's size, rounded down to the latent factor.
-    let f = model.latent_factor;
-    model.native_size = ((init.width / f * f).max(f), (init.height / f * f).max(f));
-    let request = build_request(&args.generate, &model)?;
-    let init = if (init.width, init.height) == (request.width, request.height) {
-        init
-    } else {
-        eprintln!(
-            "resizing the init image from {}×{} to {}×{} (Lanczos)",
-            init.width, init.height, request.width, request.height
-        );
-        resize(&init, request.width, request.height)?
-    };
+    let init = read_image("--init-image", &args.init_image)?;
+    let (files, request) = sized_request(&args.generate, &init)?;
+    let init = fit(init, &request, "init image")?;
     let pipeline = load_pipeline(&files, &args.generate, &request)?;
     let bar = progress_bar();
     let images = pipeline.img2img(&request, &init, args.strength, &mut |p| {
@@ -324,6 +328,56 @@ fn img2img(args: Img2ImgArgs) -> Result<()> {
         model_name,
         Some(args.strength),
     )
+}
+
+fn inpaint(args: InpaintArgs) -> Result<()> {
+    let image = read_image("--image", &args.image)?;
+    let mask = read_image("--mask", &args.mask)?;
+    let (files, request) = sized_request(&args.generate, &image)?;
+    let image = fit(image, &request, "image")?;
+    let mask = fit(mask, &request, "mask")?;
+    let pipeline = load_pipeline(&files, &args.generate, &request)?;
+    let bar = progress_bar();
+    let images = pipeline.inpaint(&request, &image, &mask, args.strength, &mut |p| {
+        show_progress(&bar, &request, p)
+    })?;
+    bar.finish_and_clear();
+    let model_name = pipeline.model_name();
+    save_images(
+        &args.generate.output,
+        &request,
+        &images,
+        model_name,
+        Some(args.strength),
+    )
+}
+
+/// An input image of the CLI, within its pixel limit.
+fn read_image(flag: &str, path: &Path) -> Result<RgbImage> {
+    load_image(path, Limits::cli().max_pixels)
+        .with_context(|| format!("reading {flag} {}", path.display()))
+}
+
+/// The request, with width and height defaulting to `image`'s size rounded down to the latent
+/// factor.
+fn sized_request(args: &GenerateArgs, image: &RgbImage) -> Result<(ModelFiles, GenerationRequest)> {
+    let (files, mut model) = locate_model(args)?;
+    let f = model.latent_factor;
+    model.native_size = ((image.width / f * f).max(f), (image.height / f * f).max(f));
+    let request = build_request(args, &model)?;
+    Ok((files, request))
+}
+
+/// `image` at the request's size (resized with a Lanczos filter when it is not).
+fn fit(image: RgbImage, request: &GenerationRequest, what: &str) -> Result<RgbImage> {
+    if (image.width, image.height) == (request.width, request.height) {
+        return Ok(image);
+    }
+    eprintln!(
+        "resizing the {what} from {}×{} to {}×{} (Lanczos)",
+        image.width, image.height, request.width, request.height
+    );
+    Ok(resize(&image, request.width, request.height)?)
 }
 
 /// The model folder of `--model` and what a request is checked against (its configs only).

@@ -165,6 +165,13 @@ impl<B: Backend> Pipeline<B> {
                 clip_config.hidden_size, unet_config.cross_attention_dim
             )));
         }
+        if unet_config.in_channels == 2 * vae_config.latent_channels + 1 {
+            return Err(Error::Config(format!(
+                "this is an inpainting model (a UNet with {} input channels: latents, mask and \
+                 masked-image latents); those models are not supported yet",
+                unet_config.in_channels
+            )));
+        }
         if vae_config.latent_channels != unet_config.in_channels {
             return Err(Error::Config(format!(
                 "vae latent_channels {} does not match unet in_channels {}",
@@ -792,6 +799,15 @@ pub trait ImageGenerator: Send {
         strength: f64,
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>>;
+    /// See [`Pipeline::inpaint`].
+    fn inpaint(
+        &self,
+        request: &GenerationRequest,
+        image: &RgbImage,
+        mask: &RgbImage,
+        strength: f64,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>>;
     /// The model's native `(width, height)`.
     fn native_size(&self) -> (usize, usize);
     /// Width and height must be multiples of this.
@@ -820,6 +836,16 @@ impl<B: Backend> ImageGenerator for Pipeline<B> {
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         Pipeline::img2img(self, request, init, strength, on_step)
+    }
+    fn inpaint(
+        &self,
+        request: &GenerationRequest,
+        image: &RgbImage,
+        mask: &RgbImage,
+        strength: f64,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        Pipeline::inpaint(self, request, image, mask, strength, on_step)
     }
     fn native_size(&self) -> (usize, usize) {
         Pipeline::native_size(self)

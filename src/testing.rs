@@ -88,6 +88,18 @@ impl ImageGenerator for FakeGenerator {
         self.generate(request, on_step)
     }
 
+    /// As `generate` (the images and strength are not looked at).
+    fn inpaint(
+        &self,
+        request: &GenerationRequest,
+        _image: &RgbImage,
+        _mask: &RgbImage,
+        _strength: f64,
+        on_step: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Vec<GeneratedImage>> {
+        self.generate(request, on_step)
+    }
+
     fn native_size(&self) -> (usize, usize) {
         (64, 64)
     }

@@ -1,4 +1,4 @@
-//! The `sd21 generate`, `sd21 img2img` and `sd21 selftest` commands end to end (the tiny fixture
+//! The `sd21 generate`, `img2img`, `inpaint` and `selftest` commands end to end (the tiny fixture
 //! model).
 
 mod common;
@@ -339,4 +339,52 @@ fn img2img_from_a_png_equals_diffusers_and_resizes_odd_sizes() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `sd21 inpaint` on the fixture's image and mask equals diffusers' StableDiffusionInpaintPipeline
+/// (reference/inpaint.*, the ddim 1.0 case).
+#[test]
+fn inpaint_from_pngs_equals_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(reference("inpaint.safetensors")).unwrap();
+    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let write = |name: &str| {
+        let t = fixture.tensor(name).unwrap();
+        let rgb = sd21::image_io::RgbImage {
+            width: t.shape()[1],
+            height: t.shape()[0],
+            pixels: t.data().to_vec(),
+        };
+        let path = dir.path().join(format!("{name}.png"));
+        sd21::image_io::save_png(&path, &rgb, None).unwrap();
+        path
+    };
+    let (image, mask) = (write("image"), write("mask"));
+    let out = dir.path().join("out.png");
+    let result = sd21()
+        .args(["inpaint", "--model"])
+        .arg(tiny_model())
+        .arg("--image")
+        .arg(&image)
+        .arg("--mask")
+        .arg(&mask)
+        .args(["--prompt", "a photograph of an astronaut riding a horse"])
+        .args(["--negative-prompt", "blurry, low quality"])
+        .args(["--steps", "7", "--cfg-scale", "7.5", "--scheduler", "ddim"])
+        .args(["--seed", "208513106212", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    let (_, _, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
+    assert!(text.contains("Denoising strength: 1"), "{text}");
+    let expected = fixture.tensor("ddim_strength1.0").unwrap();
+    let max = pixels
+        .iter()
+        .zip(expected.data())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(max <= 2, "max |diff| {max}/255 against diffusers");
 }

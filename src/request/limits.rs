@@ -18,6 +18,9 @@ pub const DEFAULT_CFG_SCALE: f32 = 7.0;
 pub const DEFAULT_IMAGES: usize = 1;
 /// img2img's strength when the request gives none (diffusers' default).
 pub const DEFAULT_STRENGTH: f64 = 0.75;
+/// Inpainting's strength when the request gives none (diffusers' default: pure noise inside
+/// the mask).
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 
 /// The configurable limits (`--max-pixels`, `--max-steps`, `--max-images`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

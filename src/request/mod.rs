@@ -20,7 +20,8 @@ pub mod schema;
 pub use error::ValidationError;
 pub use generate::{GenerateRules, Validated};
 pub use limits::{
-    min_side, Limits, CFG_SCALE_RANGE, DEFAULT_CFG_SCALE, DEFAULT_IMAGES, DEFAULT_STEPS,
-    DEFAULT_STRENGTH, MAX_BODY_BYTES, MAX_IMAGE_BODY_BYTES, MAX_PROMPT_CHARS, MAX_SIDE,
+    min_side, Limits, CFG_SCALE_RANGE, DEFAULT_CFG_SCALE, DEFAULT_IMAGES, DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_BODY_BYTES, MAX_IMAGE_BODY_BYTES, MAX_PROMPT_CHARS,
+    MAX_SIDE,
 };
 pub use schema::RequestSchema;
