@@ -761,11 +761,20 @@ pub fn cuda_graphs() -> UnetRecorder<CudaBackend> {
     Box::new(move |backend: &CudaBackend, inputs, f| backend.run_recorded(recording, inputs, f))
 }
 
-/// Where a generation's latents start: from noise (txt2img) or from an image (img2img).
+/// Where a generation's latents start: from noise (txt2img), from an image (img2img), or from
+/// an image with a mask of what to repaint (inpainting).
 #[derive(Debug, Clone)]
 pub enum Start {
     Noise,
-    Image { init: Arc<RgbImage>, strength: f64 },
+    Image {
+        init: Arc<RgbImage>,
+        strength: f64,
+    },
+    Masked {
+        image: Arc<RgbImage>,
+        mask: Arc<RgbImage>,
+        strength: f64,
+    },
 }
 
 impl Start {
@@ -779,6 +788,19 @@ impl Start {
         match self {
             Start::Noise => generator.generate(request, on_step),
             Start::Image { init, strength } => generator.img2img(request, init, *strength, on_step),
+            Start::Masked {
+                image,
+                mask,
+                strength,
+            } => generator.inpaint(request, image, mask, *strength, on_step),
+        }
+    }
+
+    /// The strength, for img2img and inpainting.
+    pub fn strength(&self) -> Option<f64> {
+        match self {
+            Start::Noise => None,
+            Start::Image { strength, .. } | Start::Masked { strength, .. } => Some(*strength),
         }
     }
 }

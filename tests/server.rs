@@ -630,6 +630,74 @@ fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
     );
 }
 
+/// `POST /inpaint/` equals diffusers' StableDiffusionInpaintPipeline (reference/inpaint.*: the
+/// ddim 1.0 case); a missing mask is 422 `mask`; a mask of another size is resized to the image.
+#[test]
+fn inpaint_route_equals_diffusers() {
+    let server = Server::start(&[]);
+    let bytes = std::fs::read(common::reference("inpaint.safetensors")).unwrap();
+    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let b64 = |name: &str| {
+        let t = fixture.tensor(name).unwrap();
+        let rgb = sd21::image_io::RgbImage {
+            width: t.shape()[1],
+            height: t.shape()[0],
+            pixels: t.data().to_vec(),
+        };
+        let png = sd21::image_io::encode_png(&rgb, None).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    };
+    let (image, mask) = (b64("image"), b64("mask"));
+    let body = json!({
+        "prompt": "a photograph of an astronaut riding a horse",
+        "negative_prompt": "blurry, low quality", "image": image, "mask": mask,
+        "steps": 7, "cfg_scale": 7.5, "scheduler": "ddim", "seed": 208513106212u64,
+    });
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Accept", "image/png"),
+    ];
+    let reply = send(
+        server.addr,
+        "POST",
+        "/inpaint/",
+        &headers,
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let (w, h, pixels, text) = decode_png(&reply.body);
+    assert_eq!((w, h), (72, 56));
+    assert!(text.contains("Denoising strength: 1"), "{text}");
+    let expected = fixture.tensor("ddim_strength1.0").unwrap();
+    let max = pixels
+        .iter()
+        .zip(expected.data())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(max <= 2, "max |diff| {max}/255 against diffusers");
+    let no_mask = json!({"prompt": "a", "image": image});
+    let reply = send(
+        server.addr,
+        "POST",
+        "/inpaint/",
+        &headers,
+        Some(no_mask.to_string().as_bytes()),
+    );
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(reply.json()["field"], "mask");
+    let spec = get(server.addr, "/openapi.json", &[]).json();
+    assert!(
+        spec["paths"]["/inpaint/"]["post"].is_object(),
+        "{}",
+        spec["paths"]
+    );
+    assert_eq!(
+        spec["components"]["schemas"]["InpaintRequest"]["required"],
+        json!(["prompt", "image", "mask"])
+    );
+}
+
 #[test]
 fn the_original_api_example_request_works() {
     // The README's curl, field for field, at 64×64 instead of 512×512: 30 steps at 512² take

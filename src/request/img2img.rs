@@ -45,49 +45,15 @@ impl Img2ImgRules {
         draw_seed: impl FnOnce() -> u64,
     ) -> Result<Img2ImgValidated, ValidationError> {
         let fields = object(body)?;
-        let init = self.init_image(&fields)?;
-        let strength = match number(&fields, "strength")? {
-            None => DEFAULT_STRENGTH,
-            Some(value) if (0.0..=1.0).contains(&value) => value,
-            Some(value) => return Err(ValidationError::StrengthOutOfRange { value }),
-        };
-        let f = self.generate.latent_factor;
-        let mut sized = model.clone();
-        sized.native_size = ((init.width / f * f).max(f), (init.height / f * f).max(f));
-        let generation = self
-            .generate
-            .parse(Value::Object(fields), &sized, draw_seed)?;
-        let steps = generation.request.steps;
-        if img2img_first_step(steps, strength).is_err() {
-            return Err(ValidationError::NoStepLeft { strength, steps });
-        }
-        let (width, height) = (generation.request.width, generation.request.height);
-        let init = if (init.width, init.height) == (width, height) {
-            init
-        } else {
-            resize(&init, width, height).map_err(|e| invalid_image(e.to_string()))?
-        };
+        let init = image_field(&fields, "init_image", self.generate.limits.max_pixels)?;
+        let strength = strength(&fields, DEFAULT_STRENGTH)?;
+        let generation = sized_generation(&self.generate, fields, &init, model, draw_seed)?;
+        check_steps_left(&generation, strength)?;
         Ok(Img2ImgValidated {
+            init: fit(init, &generation, "init_image")?,
             generation,
-            init,
             strength,
         })
-    }
-
-    /// `init_image`: base64 (a `data:` URL prefix accepted), decoded within `max_pixels`.
-    fn init_image(&self, fields: &Map<String, Value>) -> Result<RgbImage, ValidationError> {
-        let encoded = text(fields, "init_image", None)?.ok_or(ValidationError::Missing {
-            field: "init_image",
-        })?;
-        let data = match encoded.split_once(";base64,") {
-            Some((prefix, data)) if prefix.starts_with("data:") => data,
-            _ => encoded.as_str(),
-        };
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(data.trim())
-            .map_err(|e| invalid_image(format!("not base64 ({e})")))?;
-        decode_image(&bytes, self.generate.limits.max_pixels)
-            .map_err(|e| invalid_image(e.to_string()))
     }
 
     /// `/generate/`'s schema with `init_image` and `strength`.
@@ -119,11 +85,74 @@ impl Img2ImgRules {
     }
 }
 
-fn invalid_image(reason: String) -> ValidationError {
-    ValidationError::InvalidImage {
-        field: "init_image",
-        reason,
+/// An image field: base64 (a `data:` URL prefix accepted), decoded within `max_pixels`.
+pub(super) fn image_field(
+    fields: &Map<String, Value>,
+    field: &'static str,
+    max_pixels: usize,
+) -> Result<RgbImage, ValidationError> {
+    let invalid = |reason: String| ValidationError::InvalidImage { field, reason };
+    let encoded = text(fields, field, None)?.ok_or(ValidationError::Missing { field })?;
+    let data = match encoded.split_once(";base64,") {
+        Some((prefix, data)) if prefix.starts_with("data:") => data,
+        _ => encoded.as_str(),
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| invalid(format!("not base64 ({e})")))?;
+    decode_image(&bytes, max_pixels).map_err(|e| invalid(e.to_string()))
+}
+
+/// `strength` in [0, 1], `default` when absent.
+pub(super) fn strength(fields: &Map<String, Value>, default: f64) -> Result<f64, ValidationError> {
+    match number(fields, "strength")? {
+        None => Ok(default),
+        Some(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        Some(value) => Err(ValidationError::StrengthOutOfRange { value }),
     }
+}
+
+/// The generation fields as `/generate/` reads them, with `image`'s size (rounded down to the
+/// latent factor) as the default size.
+pub(super) fn sized_generation(
+    rules: &GenerateRules,
+    fields: Map<String, Value>,
+    image: &RgbImage,
+    model: &ModelInfo,
+    draw_seed: impl FnOnce() -> u64,
+) -> Result<Validated, ValidationError> {
+    let f = rules.latent_factor;
+    let mut sized = model.clone();
+    sized.native_size = ((image.width / f * f).max(f), (image.height / f * f).max(f));
+    rules.parse(Value::Object(fields), &sized, draw_seed)
+}
+
+/// At least one step must run at this strength.
+pub(super) fn check_steps_left(
+    generation: &Validated,
+    strength: f64,
+) -> Result<(), ValidationError> {
+    let steps = generation.request.steps;
+    match img2img_first_step(steps, strength) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ValidationError::NoStepLeft { strength, steps }),
+    }
+}
+
+/// `image` at the request's size (resized with a Lanczos filter when it is not).
+pub(super) fn fit(
+    image: RgbImage,
+    generation: &Validated,
+    field: &'static str,
+) -> Result<RgbImage, ValidationError> {
+    let (width, height) = (generation.request.width, generation.request.height);
+    if (image.width, image.height) == (width, height) {
+        return Ok(image);
+    }
+    resize(&image, width, height).map_err(|e| ValidationError::InvalidImage {
+        field,
+        reason: e.to_string(),
+    })
 }
 
 /// The marker poem-openapi registers the `/img2img/` body's schema under.

@@ -5,7 +5,8 @@
 //! break), `json.rs` (the readers every body shares: `null` is "the default", an integral float
 //! is an integer, messages name the field and the value), `schema.rs` (the OpenAPI side: the
 //! running server's limits reach the schema through [`schema::with_context`]) and one file per
-//! body: `generate.rs` (`POST /generate/` and `sd21 generate`), `img2img.rs` (`POST /img2img/`).
+//! body: `generate.rs` (`POST /generate/` and `sd21 generate`), `img2img.rs` (`POST /img2img/`), `inpaint.rs`
+//! (`POST /inpaint/`).
 //!
 //! Adding a body: a rules type built from [`Limits`] (and the model), whose `parse` reads the
 //! fields with `json.rs` and whose `schema` lists the same bounds, plus `impl RequestSchema`.
@@ -13,6 +14,7 @@
 mod error;
 pub mod generate;
 pub mod img2img;
+pub mod inpaint;
 mod json;
 mod limits;
 pub mod schema;

@@ -22,6 +22,7 @@ use crate::engine::{Engine, ModelInfo, SubmitError};
 use crate::pipeline::Start;
 use crate::request::generate::GenerateRequest;
 use crate::request::img2img::{Img2ImgRequest, Img2ImgRules};
+use crate::request::inpaint::{InpaintRequest, InpaintRules};
 use crate::request::{GenerateRules, Limits, Validated, ValidationError};
 use serde_json::Value;
 
@@ -169,6 +170,32 @@ impl Api {
         self.answer(headers, remote, body.bytes(), parse).await
     }
 
+    /// Repaint the masked part of an image from a prompt (inpainting)
+    ///
+    /// As diffusers' StableDiffusionInpaintPipeline with an ordinary (4-channel) model:
+    /// `/generate/`'s fields plus `image` and `mask` (base64 PNG, JPEG or WebP; white in the mask is
+    /// repainted) and `strength` (default 1). The same answers as `/generate/`; bodies up to 16 MiB.
+    #[oai(path = "/inpaint", method = "post", operation_id = "inpaint")]
+    async fn inpaint(
+        &self,
+        headers: &HeaderMap,
+        remote: &RemoteAddr,
+        body: JsonBody<InpaintRequest>,
+    ) -> Result<Generated, ApiError> {
+        let limits = self.limits;
+        let parse = move |body: Value, model: &ModelInfo| {
+            let rules = InpaintRules::new(limits, model.latent_factor);
+            let v = rules.parse(body, model, random_seed)?;
+            let start = Start::Masked {
+                image: Arc::new(v.image),
+                mask: Arc::new(v.mask),
+                strength: v.strength,
+            };
+            Ok((v.generation, start))
+        };
+        self.answer(headers, remote, body.bytes(), parse).await
+    }
+
     /// Liveness: the process serves HTTP
     #[oai(path = "/health", method = "get")]
     async fn health(&self) -> Json<Health> {
@@ -257,10 +284,7 @@ impl Api {
         let model_name = model.name.clone();
         let (validated, start) = parse(parse_json(&body)?, model)?;
         let request = validated.request;
-        let strength = match &start {
-            Start::Noise => None,
-            Start::Image { strength, .. } => Some(*strength),
-        };
+        let strength = start.strength();
         let ticket = self
             .engine
             .submit_from(request.clone(), start, client_gone)?;
@@ -326,16 +350,16 @@ impl Api {
     }
 }
 
-/// [`Api`] as documented: the original API's paths `/generate/` and `/img2img/`, with their
-/// trailing slash (the routes are `/generate` and `/img2img`, which the server's path
-/// normalisation makes answer both).
+/// [`Api`] as documented: the original API's path `/generate/` and `/img2img/`, `/inpaint/`,
+/// with their trailing slash (the routes have none; the server's path normalisation makes them
+/// answer both).
 pub struct Documented(pub Api);
 
 impl OpenApi for Documented {
     fn meta() -> Vec<MetaApi> {
         let mut apis = Api::meta();
         for path in apis.iter_mut().flat_map(|api| api.paths.iter_mut()) {
-            if path.path == "/generate" || path.path == "/img2img" {
+            if ["/generate", "/img2img", "/inpaint"].contains(&path.path.as_str()) {
                 path.path.push('/');
             }
         }
