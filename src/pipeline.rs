@@ -333,11 +333,7 @@ impl<B: Backend> Pipeline<B> {
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         self.check_request(request)?;
-        let Some(encoder) = &self.vae_encoder else {
-            return Err(Error::InvalidRequest(
-                "this model's VAE has no encoder, so it cannot do img2img".into(),
-            ));
-        };
+        let encoder = self.encoder("img2img")?;
         if (init.width, init.height) != (request.width, request.height) {
             return Err(Error::InvalidRequest(format!(
                 "the init image is {}×{}, the request {}×{} (resizing is not supported yet)",
@@ -381,11 +377,7 @@ impl<B: Backend> Pipeline<B> {
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         self.check_request(request)?;
-        let Some(encoder) = &self.vae_encoder else {
-            return Err(Error::InvalidRequest(
-                "this model's VAE has no encoder, so it cannot inpaint".into(),
-            ));
-        };
+        let encoder = self.encoder("inpainting")?;
         let size = (request.width, request.height);
         if (image.width, image.height) != size || (mask.width, mask.height) != size {
             return Err(Error::InvalidRequest(format!(
@@ -440,6 +432,13 @@ impl<B: Backend> Pipeline<B> {
                 }),
             };
             self.denoise(request, context, guidance, start, on_step)
+        })
+    }
+
+    /// The VAE encoder `what` needs, or why this model has none.
+    fn encoder(&self, what: &str) -> Result<&VaeEncoder<B>> {
+        self.vae_encoder.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(format!("this model's VAE has no encoder, so no {what}"))
         })
     }
 

@@ -274,12 +274,7 @@ fn img2img_from_a_png_equals_diffusers_and_resizes_odd_sizes() {
     assert_eq!((ow as usize, oh as usize), (w, h));
     assert!(text.contains("Denoising strength: 0.75"), "{text}");
     let expected = fixture.tensor("ddim_strength0.75").unwrap();
-    let max = pixels
-        .iter()
-        .zip(expected.data())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0);
+    let max = common::max_pixel_diff(&pixels, expected.data());
     assert!(max <= 2, "max |diff| {max}/255 against diffusers");
 
     // A size that is not a multiple of 8 is rounded down, and the image resized to it.
@@ -380,11 +375,6 @@ fn inpaint_from_pngs_equals_diffusers() {
     let (_, _, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
     assert!(text.contains("Denoising strength: 1"), "{text}");
     let expected = fixture.tensor("ddim_strength1.0").unwrap();
-    let max = pixels
-        .iter()
-        .zip(expected.data())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0);
+    let max = common::max_pixel_diff(&pixels, expected.data());
     assert!(max <= 2, "max |diff| {max}/255 against diffusers");
 }

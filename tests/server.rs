@@ -583,12 +583,7 @@ fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
         let (w, h, pixels, text) = decode_png(&reply.body);
         assert_eq!((w, h), (72, 56));
         assert!(text.contains("Denoising strength: 0.75"), "{text}");
-        let max = pixels
-            .iter()
-            .zip(expected.data())
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap_or(0);
+        let max = common::max_pixel_diff(&pixels, expected.data());
         assert!(max <= 2, "max |diff| {max}/255 against diffusers");
     }
     let text_b64 = base64::engine::general_purpose::STANDARD.encode(b"not an image");
@@ -669,12 +664,7 @@ fn inpaint_route_equals_diffusers() {
     assert_eq!((w, h), (72, 56));
     assert!(text.contains("Denoising strength: 1"), "{text}");
     let expected = fixture.tensor("ddim_strength1.0").unwrap();
-    let max = pixels
-        .iter()
-        .zip(expected.data())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0);
+    let max = common::max_pixel_diff(&pixels, expected.data());
     assert!(max <= 2, "max |diff| {max}/255 against diffusers");
     let no_mask = json!({"prompt": "a", "image": image});
     let reply = send(

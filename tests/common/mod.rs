@@ -94,3 +94,13 @@ pub fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>, String) {
         .collect();
     (info.width, info.height, pixels, text)
 }
+
+/// The largest |a − b| of two 8-bit images' pixels.
+#[allow(dead_code)] // not every test binary compares images
+pub fn max_pixel_diff(a: &[u8], b: &[u8]) -> u8 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
