@@ -607,6 +607,42 @@ fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
         assert_eq!(reply.status, 422, "{what}: {}", reply.text());
         assert_eq!(reply.json()["field"], field, "{what}: {}", reply.text());
     }
+    // Image i of a multi-image request is the single request with seed + i.
+    let json_headers = [
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json"),
+    ];
+    let mut two = body(&b64, json!(0.6));
+    two["number_of_images"] = json!(2);
+    two["steps"] = json!(3);
+    let post_json = |body: &Value| {
+        send(
+            server.addr,
+            "POST",
+            "/img2img/",
+            &json_headers,
+            Some(body.to_string().as_bytes()),
+        )
+    };
+    let reply = post_json(&two);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let both = reply.json();
+    assert_eq!(both["parameters"]["strength"], 0.6);
+    let mut second = two.clone();
+    second["number_of_images"] = json!(1);
+    second["seed"] = json!(208513106213u64);
+    let reply = post_json(&second);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let png = |v: &Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap_or(""))
+            .unwrap()
+    };
+    assert_eq!(
+        decode_png(&png(&both["images"][1])).2,
+        decode_png(&png(&reply.json()["images"][0])).2,
+        "image 1 of two equals the single request with seed + 1"
+    );
     let spec = get(server.addr, "/openapi.json", &[]).json();
     assert!(
         spec["paths"]["/img2img/"]["post"].is_object(),
