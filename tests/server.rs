@@ -724,6 +724,92 @@ fn inpaint_route_equals_diffusers() {
     );
 }
 
+/// A `multipart/form-data` body: `(name, file name, bytes)`, a file part when a file name is given.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "sd21-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, file, bytes) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        let disposition = match file {
+            Some(file) => format!(
+                "Content-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\n\
+                 Content-Type: image/png\r\n\r\n"
+            ),
+            None => format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n"),
+        };
+        body.extend_from_slice(disposition.as_bytes());
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// `POST /img2img/` and `/inpaint/` read multipart/form-data with the JSON bodies' names (images
+/// as files, the rest as text) and answer as for JSON; `/generate/` does not (415).
+#[test]
+fn image_routes_read_multipart_forms() {
+    let server = Server::start(&[]);
+    let bytes = std::fs::read(common::reference("inpaint.safetensors")).unwrap();
+    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let png = |name: &str| {
+        let t = fixture.tensor(name).unwrap();
+        let rgb = sd21::image_io::RgbImage {
+            width: t.shape()[1],
+            height: t.shape()[0],
+            pixels: t.data().to_vec(),
+        };
+        sd21::image_io::encode_png(&rgb, None).unwrap()
+    };
+    let (image, mask) = (png("image"), png("mask"));
+    let text: [(&str, Option<&str>, &[u8]); 6] = [
+        (
+            "prompt",
+            None,
+            b"a photograph of an astronaut riding a horse",
+        ),
+        ("negative_prompt", None, b"blurry, low quality"),
+        ("steps", None, b"7"),
+        ("cfg_scale", None, b"7.5"),
+        ("scheduler", None, b"ddim"),
+        ("seed", None, b"208513106212"),
+    ];
+    let mut parts = text.to_vec();
+    parts.push(("image", Some("image.png"), &image));
+    parts.push(("mask", Some("mask.png"), &mask));
+    let (content_type, body) = multipart(&parts);
+    let headers = [
+        ("Content-Type", content_type.as_str()),
+        ("Accept", "image/png"),
+    ];
+    let reply = send(server.addr, "POST", "/inpaint/", &headers, Some(&body));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let expected = fixture.tensor("ddim_strength1.0").unwrap();
+    let max = common::max_pixel_diff(&decode_png(&reply.body).2, expected.data());
+    assert!(
+        max <= 2,
+        "multipart inpaint: max |diff| {max}/255 against diffusers"
+    );
+
+    let mut parts = text.to_vec();
+    parts.push(("init_image", Some("init.png"), &image));
+    parts.push(("strength", None, b"0.5"));
+    let (content_type, body) = multipart(&parts);
+    let headers = [
+        ("Content-Type", content_type.as_str()),
+        ("Accept", "application/json"),
+    ];
+    let reply = send(server.addr, "POST", "/img2img/", &headers, Some(&body));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["parameters"]["strength"], 0.5);
+
+    let reply = send(server.addr, "POST", "/generate/", &headers, Some(&body));
+    assert_eq!(reply.status, 415, "{}", reply.text());
+    let spec = get(server.addr, "/openapi.json", &[]).json();
+    let content = &spec["paths"]["/img2img/"]["post"]["requestBody"]["content"];
+    assert!(content["multipart/form-data"].is_object(), "{content}");
+}
+
 #[test]
 fn the_original_api_example_request_works() {
     // The README's curl, field for field, at 64×64 instead of 512×512: 30 steps at 512² take

@@ -161,6 +161,7 @@ pub struct Img2ImgRequest;
 impl RequestSchema for Img2ImgRequest {
     const NAME: &'static str = "Img2ImgRequest";
     const MAX_BODY_BYTES: usize = MAX_IMAGE_BODY_BYTES;
+    const MULTIPART: bool = true;
 
     fn schema(context: &SchemaContext) -> MetaSchema {
         Img2ImgRules::new(context.limits, context.latent_factor).schema()

@@ -95,6 +95,7 @@ pub struct InpaintRequest;
 impl RequestSchema for InpaintRequest {
     const NAME: &'static str = "InpaintRequest";
     const MAX_BODY_BYTES: usize = MAX_IMAGE_BODY_BYTES;
+    const MULTIPART: bool = true;
 
     fn schema(context: &SchemaContext) -> MetaSchema {
         InpaintRules::new(context.limits, context.latent_factor).schema()

@@ -49,6 +49,8 @@ pub trait RequestSchema {
     const NAME: &'static str;
     /// The largest body the route reads.
     const MAX_BODY_BYTES: usize = super::limits::MAX_BODY_BYTES;
+    /// Whether the route also reads `multipart/form-data` (image fields as files).
+    const MULTIPART: bool = false;
     /// The body's schema for a server with this context.
     fn schema(context: &SchemaContext) -> MetaSchema;
 }

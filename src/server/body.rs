@@ -6,7 +6,7 @@
 use std::marker::PhantomData;
 
 use poem::http::header;
-use poem::{Request, RequestBody};
+use poem::{FromRequest, Request, RequestBody};
 use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
 use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use serde_json::Value;
@@ -44,12 +44,22 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
     }
 
     fn request_meta() -> Option<MetaRequest> {
+        let media = |content_type| MetaMediaType {
+            content_type,
+            schema: MetaSchemaRef::Reference(T::NAME.to_string()),
+        };
+        let mut content = vec![media("application/json")];
+        if T::MULTIPART {
+            content.push(media("multipart/form-data"));
+        }
         Some(MetaRequest {
-            description: Some("The request (JSON)."),
-            content: vec![MetaMediaType {
-                content_type: "application/json",
-                schema: MetaSchemaRef::Reference(T::NAME.to_string()),
-            }],
+            description: Some(if T::MULTIPART {
+                "The request: JSON (images base64), or multipart/form-data with the same names \
+                 (images as files, the other fields as text)."
+            } else {
+                "The request (JSON)."
+            }),
+            content,
             required: true,
         })
     }
@@ -60,7 +70,7 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
         Ok(JsonBody {
-            bytes: read_json_body(request, body, T::MAX_BODY_BYTES).await,
+            bytes: read_json_body(request, body, T::MAX_BODY_BYTES, T::MULTIPART).await,
             request_type: PhantomData,
         })
     }
@@ -72,7 +82,16 @@ async fn read_json_body(
     request: &Request,
     body: &mut RequestBody,
     limit: usize,
+    multipart: bool,
 ) -> Result<Vec<u8>, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
     if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
         let text = content_type.to_str().unwrap_or("");
         let essence = text
@@ -83,19 +102,14 @@ async fn read_json_body(
             .to_ascii_lowercase();
         let is_json = essence == "application/json"
             || (essence.starts_with("application/") && essence.ends_with("+json"));
+        if multipart && essence == "multipart/form-data" {
+            return read_multipart(request, body, limit).await;
+        }
         if !is_json {
             return Err(ApiError::UnsupportedMediaType {
                 content_type: text.chars().take(100).collect(),
             });
         }
-    }
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::PayloadTooLarge { limit });
     }
     let body = body.take().map_err(|e| ApiError::Internal(e.to_string()))?;
     match body.into_bytes_limit(limit).await {
@@ -105,6 +119,49 @@ async fn read_json_body(
         }
         Err(e) => Err(ApiError::BodyRead(e.to_string())),
     }
+}
+
+/// A `multipart/form-data` body as the JSON object the request type reads: a file part (one
+/// with a file name or an `image/…` type) becomes its base64 text, a text part its value as JSON
+/// when it reads as a number, `true`, `false` or `null`, else the text itself.
+async fn read_multipart(
+    request: &Request,
+    body: &mut RequestBody,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine as _;
+    let mut parts = <poem::web::Multipart as FromRequest>::from_request(request, body)
+        .await
+        .map_err(|e| ApiError::BodyRead(e.to_string()))?;
+    let (mut fields, mut total) = (serde_json::Map::new(), 0usize);
+    while let Some(part) = parts
+        .next_field()
+        .await
+        .map_err(|e| ApiError::BodyRead(e.to_string()))?
+    {
+        let name = part.name().unwrap_or_default().to_string();
+        let is_file = part.file_name().is_some()
+            || part.content_type().is_some_and(|t| t.starts_with("image/"));
+        let bytes = part
+            .bytes()
+            .await
+            .map_err(|e| ApiError::BodyRead(e.to_string()))?;
+        total = total.saturating_add(bytes.len());
+        if total > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        let value = if is_file {
+            Value::String(base64::engine::general_purpose::STANDARD.encode(&bytes))
+        } else {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            match serde_json::from_str::<Value>(text.trim()) {
+                Ok(v @ (Value::Number(_) | Value::Bool(_) | Value::Null)) => v,
+                _ => Value::String(text),
+            }
+        };
+        fields.insert(name, value);
+    }
+    serde_json::to_vec(&Value::Object(fields)).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 #[cfg(test)]
