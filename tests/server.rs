@@ -805,6 +805,19 @@ fn image_routes_read_multipart_forms() {
 
     let reply = send(server.addr, "POST", "/generate/", &headers, Some(&body));
     assert_eq!(reply.status, 415, "{}", reply.text());
+    // A prompt that reads as a number stays text: the schema says prompt is a string.
+    let mut numeric_prompt = text.to_vec();
+    numeric_prompt[0] = ("prompt", None, b"123");
+    numeric_prompt.push(("init_image", Some("init.png"), &image));
+    numeric_prompt[2] = ("steps", None, b"2");
+    let (content_type, body) = multipart(&numeric_prompt);
+    let headers = [
+        ("Content-Type", content_type.as_str()),
+        ("Accept", "application/json"),
+    ];
+    let reply = send(server.addr, "POST", "/img2img/", &headers, Some(&body));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["parameters"]["prompt"], "123");
     let spec = get(server.addr, "/openapi.json", &[]).json();
     let content = &spec["paths"]["/img2img/"]["post"]["requestBody"]["content"];
     assert!(content["multipart/form-data"].is_object(), "{content}");

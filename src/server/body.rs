@@ -70,7 +70,7 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
         Ok(JsonBody {
-            bytes: read_json_body(request, body, T::MAX_BODY_BYTES, T::MULTIPART).await,
+            bytes: read_json_body(request, body, T::MAX_BODY_BYTES, multipart_text::<T>()).await,
             request_type: PhantomData,
         })
     }
@@ -78,11 +78,28 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
 
 /// The body of a JSON request, at most `limit` bytes (the route's `RequestSchema::MAX_BODY_BYTES`). A missing Content-Type is taken
 /// as JSON (as FastAPI does); any other than `application/json` or `…+json` is refused.
+/// For a request type that reads multipart forms: its string-typed fields (their text parts stay
+/// text), from its own schema. `None` when it reads JSON only.
+fn multipart_text<T: RequestSchema>() -> Option<Vec<&'static str>> {
+    if !T::MULTIPART {
+        return None;
+    }
+    let schema = T::schema(&schema::context());
+    let strings = schema
+        .properties
+        .iter()
+        .filter_map(|(name, property)| match property {
+            MetaSchemaRef::Inline(p) if p.ty == "string" => Some(*name),
+            _ => None,
+        });
+    Some(strings.collect())
+}
+
 async fn read_json_body(
     request: &Request,
     body: &mut RequestBody,
     limit: usize,
-    multipart: bool,
+    multipart_text: Option<Vec<&'static str>>,
 ) -> Result<Vec<u8>, ApiError> {
     let declared = request
         .headers()
@@ -102,8 +119,8 @@ async fn read_json_body(
             .to_ascii_lowercase();
         let is_json = essence == "application/json"
             || (essence.starts_with("application/") && essence.ends_with("+json"));
-        if multipart && essence == "multipart/form-data" {
-            return read_multipart(request, body, limit).await;
+        if let (Some(text_fields), "multipart/form-data") = (&multipart_text, essence.as_str()) {
+            return read_multipart(request, body, limit, text_fields).await;
         }
         if !is_json {
             return Err(ApiError::UnsupportedMediaType {
@@ -122,12 +139,14 @@ async fn read_json_body(
 }
 
 /// A `multipart/form-data` body as the JSON object the request type reads: a file part (one
-/// with a file name or an `image/…` type) becomes its base64 text, a text part its value as JSON
-/// when it reads as a number, `true`, `false` or `null`, else the text itself.
+/// with a file name or an `image/…` type) becomes its base64 text; a text part stays text for a
+/// field in `text_fields` (the schema's strings), else becomes its value as JSON when it reads as
+/// a number, `true`, `false` or `null`.
 async fn read_multipart(
     request: &Request,
     body: &mut RequestBody,
     limit: usize,
+    text_fields: &[&str],
 ) -> Result<Vec<u8>, ApiError> {
     use base64::Engine as _;
     let mut parts = <poem::web::Multipart as FromRequest>::from_request(request, body)
@@ -152,6 +171,8 @@ async fn read_multipart(
         }
         let value = if is_file {
             Value::String(base64::engine::general_purpose::STANDARD.encode(&bytes))
+        } else if text_fields.contains(&name.as_str()) {
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
         } else {
             let text = String::from_utf8_lossy(&bytes).into_owned();
             match serde_json::from_str::<Value>(text.trim()) {
