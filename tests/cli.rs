@@ -239,16 +239,10 @@ fn selftest_prints_its_table_and_says_plainly_when_there_is_no_gpu() {
 #[test]
 fn img2img_from_a_png_equals_diffusers_and_resizes_odd_sizes() {
     let dir = tempfile::tempdir().unwrap();
-    let bytes = std::fs::read(reference("img2img.safetensors")).unwrap();
-    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let init = fixture.tensor("init").unwrap();
-    let (h, w) = (init.shape()[0], init.shape()[1]);
+    let fixture = FixtureImages::open("img2img.safetensors");
+    let rgb = fixture.image("init");
+    let (h, w) = (rgb.height, rgb.width);
     let init_png = dir.path().join("init.png");
-    let rgb = sd21::image_io::RgbImage {
-        width: w,
-        height: h,
-        pixels: init.data().to_vec(),
-    };
     sd21::image_io::save_png(&init_png, &rgb, None).unwrap();
     let out = dir.path().join("out.png");
     let result = sd21()
@@ -273,8 +267,8 @@ fn img2img_from_a_png_equals_diffusers_and_resizes_odd_sizes() {
     let (ow, oh, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
     assert_eq!((ow as usize, oh as usize), (w, h));
     assert!(text.contains("Denoising strength: 0.75"), "{text}");
-    let expected = fixture.tensor("ddim_strength0.75").unwrap();
-    let max = common::max_pixel_diff(&pixels, expected.data());
+    let expected = fixture.image("ddim_strength0.75");
+    let max = max_pixel_diff(&pixels, &expected.pixels);
     assert!(max <= 2, "max |diff| {max}/255 against diffusers");
 
     // A size that is not a multiple of 8 is rounded down, and the image resized to it.
@@ -341,17 +335,10 @@ fn img2img_from_a_png_equals_diffusers_and_resizes_odd_sizes() {
 #[test]
 fn inpaint_from_pngs_equals_diffusers() {
     let dir = tempfile::tempdir().unwrap();
-    let bytes = std::fs::read(reference("inpaint.safetensors")).unwrap();
-    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let fixture = FixtureImages::open("inpaint.safetensors");
     let write = |name: &str| {
-        let t = fixture.tensor(name).unwrap();
-        let rgb = sd21::image_io::RgbImage {
-            width: t.shape()[1],
-            height: t.shape()[0],
-            pixels: t.data().to_vec(),
-        };
         let path = dir.path().join(format!("{name}.png"));
-        sd21::image_io::save_png(&path, &rgb, None).unwrap();
+        std::fs::write(&path, fixture.png(name)).unwrap();
         path
     };
     let (image, mask) = (write("image"), write("mask"));
@@ -374,7 +361,7 @@ fn inpaint_from_pngs_equals_diffusers() {
     assert!(result.status.success(), "{stderr}");
     let (_, _, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
     assert!(text.contains("Denoising strength: 1"), "{text}");
-    let expected = fixture.tensor("ddim_strength1.0").unwrap();
-    let max = common::max_pixel_diff(&pixels, expected.data());
+    let expected = fixture.image("ddim_strength1.0");
+    let max = max_pixel_diff(&pixels, &expected.pixels);
     assert!(max <= 2, "max |diff| {max}/255 against diffusers");
 }

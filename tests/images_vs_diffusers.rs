@@ -116,6 +116,22 @@ struct Img2ImgCase {
     seed: u64,
 }
 
+impl Img2ImgCase {
+    fn request(&self) -> GenerationRequest {
+        GenerationRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            cfg_scale: self.guidance_scale,
+            seed: self.seed,
+            scheduler: SchedulerKind::from_name(&self.scheduler).unwrap(),
+            number_of_images: 1,
+        }
+    }
+}
+
 /// img2img against diffusers' `StableDiffusionImg2ImgPipeline` (reference/img2img.*: the
 /// ddim_epsilon image as the init image, several schedulers and strengths); the same tolerance.
 #[test]
@@ -123,34 +139,17 @@ fn img2img_images_match_diffusers() {
     let cases: Vec<Img2ImgCase> =
         serde_json::from_str(&std::fs::read_to_string(reference("img2img.json")).unwrap()).unwrap();
     assert!(cases.len() >= 7);
-    let bytes = std::fs::read(reference("img2img.safetensors")).unwrap();
-    let images = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let init = images.tensor("init").unwrap();
-    let (h, w) = (init.shape()[0], init.shape()[1]);
-    let init = sd21::image_io::RgbImage {
-        width: w,
-        height: h,
-        pixels: init.data().to_vec(),
-    };
+    let images = FixtureImages::open("img2img.safetensors");
+    let init = images.image("init");
     let pipeline = load("epsilon");
     let mut failures = Vec::new();
     for case in &cases {
-        let request = GenerationRequest {
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            width: case.width,
-            height: case.height,
-            steps: case.steps,
-            cfg_scale: case.guidance_scale,
-            seed: case.seed,
-            scheduler: SchedulerKind::from_name(&case.scheduler).unwrap(),
-            number_of_images: 1,
-        };
+        let request = case.request();
         let ours = pipeline
             .img2img(&request, &init, case.strength, &mut |_| true)
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let expected = images.tensor(&case.name).unwrap();
-        let (mean, max) = mean_and_max_diff(&ours[0].image.pixels, expected.data());
+        let expected = images.image(&case.name);
+        let (mean, max) = mean_and_max_diff(&ours[0].image.pixels, &expected.pixels);
         eprintln!(
             "img2img {}: mean |diff| {mean:.4}/255, max {max}/255",
             case.name
@@ -173,36 +172,17 @@ fn inpainting_with_a_4_channel_model_matches_diffusers() {
     let cases: Vec<Img2ImgCase> =
         serde_json::from_str(&std::fs::read_to_string(reference("inpaint.json")).unwrap()).unwrap();
     assert!(cases.len() >= 4);
-    let bytes = std::fs::read(reference("inpaint.safetensors")).unwrap();
-    let images = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let rgb = |name: &str| {
-        let t = images.tensor(name).unwrap();
-        sd21::image_io::RgbImage {
-            width: t.shape()[1],
-            height: t.shape()[0],
-            pixels: t.data().to_vec(),
-        }
-    };
-    let (image, mask) = (rgb("image"), rgb("mask"));
+    let images = FixtureImages::open("inpaint.safetensors");
+    let (image, mask) = (images.image("image"), images.image("mask"));
     let pipeline = load("epsilon");
     let mut failures = Vec::new();
     for case in &cases {
-        let request = GenerationRequest {
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            width: case.width,
-            height: case.height,
-            steps: case.steps,
-            cfg_scale: case.guidance_scale,
-            seed: case.seed,
-            scheduler: SchedulerKind::from_name(&case.scheduler).unwrap(),
-            number_of_images: 1,
-        };
+        let request = case.request();
         let ours = pipeline
             .inpaint(&request, &image, &mask, case.strength, &mut |_| true)
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let expected = images.tensor(&case.name).unwrap();
-        let (mean, max) = mean_and_max_diff(&ours[0].image.pixels, expected.data());
+        let expected = images.image(&case.name);
+        let (mean, max) = mean_and_max_diff(&ours[0].image.pixels, &expected.pixels);
         eprintln!(
             "inpaint {}: mean |diff| {mean:.4}/255, max {max}/255",
             case.name

@@ -545,15 +545,8 @@ fn same_seed_same_bytes_and_batch_image_i_equals_a_single_request_with_seed_plus
 #[test]
 fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
     let server = Server::start(&[]);
-    let bytes = std::fs::read(common::reference("img2img.safetensors")).unwrap();
-    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let init = fixture.tensor("init").unwrap();
-    let rgb = sd21::image_io::RgbImage {
-        width: init.shape()[1],
-        height: init.shape()[0],
-        pixels: init.data().to_vec(),
-    };
-    let png = sd21::image_io::encode_png(&rgb, None).unwrap();
+    let fixture = common::FixtureImages::open("img2img.safetensors");
+    let png = fixture.png("init");
     let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
     let body = |init_image: &str, strength: Value| {
         json!({
@@ -576,14 +569,14 @@ fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
             Some(body.to_string().as_bytes()),
         )
     };
-    let expected = fixture.tensor("ddim_strength0.75").unwrap();
+    let expected = fixture.image("ddim_strength0.75");
     for init_image in [b64.clone(), format!("data:image/png;base64,{b64}")] {
         let reply = post(&body(&init_image, json!(0.75)));
         assert_eq!(reply.status, 200, "{}", reply.text());
         let (w, h, pixels, text) = decode_png(&reply.body);
         assert_eq!((w, h), (72, 56));
         assert!(text.contains("Denoising strength: 0.75"), "{text}");
-        let max = common::max_pixel_diff(&pixels, expected.data());
+        let max = common::max_pixel_diff(&pixels, &expected.pixels);
         assert!(max <= 2, "max |diff| {max}/255 against diffusers");
     }
     let text_b64 = base64::engine::general_purpose::STANDARD.encode(b"not an image");
@@ -666,18 +659,8 @@ fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
 #[test]
 fn inpaint_route_equals_diffusers() {
     let server = Server::start(&[]);
-    let bytes = std::fs::read(common::reference("inpaint.safetensors")).unwrap();
-    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let b64 = |name: &str| {
-        let t = fixture.tensor(name).unwrap();
-        let rgb = sd21::image_io::RgbImage {
-            width: t.shape()[1],
-            height: t.shape()[0],
-            pixels: t.data().to_vec(),
-        };
-        let png = sd21::image_io::encode_png(&rgb, None).unwrap();
-        base64::engine::general_purpose::STANDARD.encode(&png)
-    };
+    let fixture = common::FixtureImages::open("inpaint.safetensors");
+    let b64 = |name: &str| base64::engine::general_purpose::STANDARD.encode(fixture.png(name));
     let (image, mask) = (b64("image"), b64("mask"));
     let body = json!({
         "prompt": "a photograph of an astronaut riding a horse",
@@ -699,8 +682,8 @@ fn inpaint_route_equals_diffusers() {
     let (w, h, pixels, text) = decode_png(&reply.body);
     assert_eq!((w, h), (72, 56));
     assert!(text.contains("Denoising strength: 1"), "{text}");
-    let expected = fixture.tensor("ddim_strength1.0").unwrap();
-    let max = common::max_pixel_diff(&pixels, expected.data());
+    let expected = fixture.image("ddim_strength1.0");
+    let max = common::max_pixel_diff(&pixels, &expected.pixels);
     assert!(max <= 2, "max |diff| {max}/255 against diffusers");
     let no_mask = json!({"prompt": "a", "image": image});
     let reply = send(
@@ -750,18 +733,8 @@ fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
 #[test]
 fn image_routes_read_multipart_forms() {
     let server = Server::start(&[]);
-    let bytes = std::fs::read(common::reference("inpaint.safetensors")).unwrap();
-    let fixture = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let png = |name: &str| {
-        let t = fixture.tensor(name).unwrap();
-        let rgb = sd21::image_io::RgbImage {
-            width: t.shape()[1],
-            height: t.shape()[0],
-            pixels: t.data().to_vec(),
-        };
-        sd21::image_io::encode_png(&rgb, None).unwrap()
-    };
-    let (image, mask) = (png("image"), png("mask"));
+    let fixture = common::FixtureImages::open("inpaint.safetensors");
+    let (image, mask) = (fixture.png("image"), fixture.png("mask"));
     let text: [(&str, Option<&str>, &[u8]); 6] = [
         (
             "prompt",
@@ -784,8 +757,8 @@ fn image_routes_read_multipart_forms() {
     ];
     let reply = send(server.addr, "POST", "/inpaint/", &headers, Some(&body));
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let expected = fixture.tensor("ddim_strength1.0").unwrap();
-    let max = common::max_pixel_diff(&decode_png(&reply.body).2, expected.data());
+    let expected = fixture.image("ddim_strength1.0");
+    let max = common::max_pixel_diff(&decode_png(&reply.body).2, &expected.pixels);
     assert!(
         max <= 2,
         "multipart inpaint: max |diff| {max}/255 against diffusers"

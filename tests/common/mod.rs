@@ -104,3 +104,30 @@ pub fn max_pixel_diff(a: &[u8], b: &[u8]) -> u8 {
         .max()
         .unwrap_or(0)
 }
+
+/// The 8-bit RGB images `[H, W, 3]` of a reference safetensors file (reference/img2img.*,
+/// reference/inpaint.*), by name.
+#[allow(dead_code)] // not every test binary reads them
+pub struct FixtureImages(Vec<u8>);
+
+#[allow(dead_code)]
+impl FixtureImages {
+    pub fn open(file: &str) -> Self {
+        FixtureImages(std::fs::read(reference(file)).expect("the fixture file"))
+    }
+
+    pub fn image(&self, name: &str) -> sd21::image_io::RgbImage {
+        let st = safetensors::SafeTensors::deserialize(&self.0).expect("safetensors");
+        let t = st.tensor(name).expect("the fixture image");
+        sd21::image_io::RgbImage {
+            width: t.shape()[1],
+            height: t.shape()[0],
+            pixels: t.data().to_vec(),
+        }
+    }
+
+    /// The image as PNG bytes.
+    pub fn png(&self, name: &str) -> Vec<u8> {
+        sd21::image_io::encode_png(&self.image(name), None).expect("PNG")
+    }
+}
