@@ -2,6 +2,7 @@
 //! `sd21 serve …` serves the HTTP API.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -17,6 +18,7 @@ use sd21::engine::ModelInfo;
 use sd21::image_io::{load_image, resize, save_png, RgbImage};
 use sd21::pipeline::{
     load_on_device, GeneratedImage, GenerationRequest, ImageGenerator, ModelConfigs, Progress,
+    Start,
 };
 use sd21::request::{self, GenerateRules, Limits};
 use sd21::server::{response, ServerConfig};
@@ -303,52 +305,50 @@ fn resolve_model(model: &str, revision: &str, weights_dir: &Path) -> Result<Path
 fn generate(args: GenerateArgs) -> Result<()> {
     let (files, model) = locate_model(&args)?;
     let request = build_request(&args, &model)?;
-    let pipeline = load_pipeline(&files, &args, &request)?;
-    let bar = progress_bar();
-    let images = pipeline.generate(&request, &mut |p| show_progress(&bar, &request, p))?;
-    bar.finish_and_clear();
-    save_images(&args.output, &request, &images, pipeline.model_name(), None)
+    run_and_save(&files, &args, &request, Start::Noise)
 }
 
 fn img2img(args: Img2ImgArgs) -> Result<()> {
     let init = read_image("--init-image", &args.init_image)?;
     let (files, request) = sized_request(&args.generate, &init)?;
-    let init = fit(init, &request, "init image")?;
-    let pipeline = load_pipeline(&files, &args.generate, &request)?;
-    let bar = progress_bar();
-    let images = pipeline.img2img(&request, &init, args.strength, &mut |p| {
-        show_progress(&bar, &request, p)
-    })?;
-    bar.finish_and_clear();
-    let model_name = pipeline.model_name();
-    save_images(
-        &args.generate.output,
-        &request,
-        &images,
-        model_name,
-        Some(args.strength),
-    )
+    let start = Start::Image {
+        init: Arc::new(fit(init, &request, "init image")?),
+        strength: args.strength,
+    };
+    run_and_save(&files, &args.generate, &request, start)
 }
 
 fn inpaint(args: InpaintArgs) -> Result<()> {
     let image = read_image("--image", &args.image)?;
     let mask = read_image("--mask", &args.mask)?;
     let (files, request) = sized_request(&args.generate, &image)?;
-    let image = fit(image, &request, "image")?;
-    let mask = fit(mask, &request, "mask")?;
-    let pipeline = load_pipeline(&files, &args.generate, &request)?;
+    let start = Start::Masked {
+        image: Arc::new(fit(image, &request, "image")?),
+        mask: Arc::new(fit(mask, &request, "mask")?),
+        strength: args.strength,
+    };
+    run_and_save(&files, &args.generate, &request, start)
+}
+
+/// Loads the model, runs `request` from `start` with a progress bar, and writes the PNGs.
+fn run_and_save(
+    files: &ModelFiles,
+    args: &GenerateArgs,
+    request: &GenerationRequest,
+    start: Start,
+) -> Result<()> {
+    let pipeline = load_pipeline(files, args, request)?;
     let bar = progress_bar();
-    let images = pipeline.inpaint(&request, &image, &mask, args.strength, &mut |p| {
-        show_progress(&bar, &request, p)
+    let images = start.run(pipeline.as_ref(), request, &mut |p| {
+        show_progress(&bar, request, p)
     })?;
     bar.finish_and_clear();
-    let model_name = pipeline.model_name();
     save_images(
-        &args.generate.output,
-        &request,
+        &args.output,
+        request,
         &images,
-        model_name,
-        Some(args.strength),
+        pipeline.model_name(),
+        start.strength(),
     )
 }
 
