@@ -70,7 +70,7 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
         Ok(JsonBody {
-            bytes: read_json_body(request, body, T::MAX_BODY_BYTES, multipart_text::<T>()).await,
+            bytes: read_json_body(request, body, T::MAX_BODY_BYTES, multipart_text::<T>).await,
             request_type: PhantomData,
         })
     }
@@ -99,7 +99,7 @@ async fn read_json_body(
     request: &Request,
     body: &mut RequestBody,
     limit: usize,
-    multipart_text: Option<Vec<&'static str>>,
+    multipart_text: fn() -> Option<Vec<&'static str>>,
 ) -> Result<Vec<u8>, ApiError> {
     let declared = request
         .headers()
@@ -119,8 +119,11 @@ async fn read_json_body(
             .to_ascii_lowercase();
         let is_json = essence == "application/json"
             || (essence.starts_with("application/") && essence.ends_with("+json"));
-        if let (Some(text_fields), "multipart/form-data") = (&multipart_text, essence.as_str()) {
-            return read_multipart(request, body, limit, text_fields).await;
+        if essence == "multipart/form-data" {
+            // The request type's schema is consulted only for a form.
+            if let Some(text_fields) = multipart_text() {
+                return read_multipart(request, body, limit, &text_fields).await;
+            }
         }
         if !is_json {
             return Err(ApiError::UnsupportedMediaType {
