@@ -364,8 +364,8 @@ impl<B: Backend> Pipeline<B> {
 
     /// Inpainting as diffusers' `StableDiffusionInpaintPipeline` with a 4-channel model:
     /// `mask` white (≥ 0.5 after PIL's grayscale) is repainted, black kept. The generator of
-    /// image i draws the image's posterior sample, the noise, then the masked image's posterior
-    /// sample (drawn and unused, as diffusers does for these models), then per-step noise; the
+    /// image i draws the image's posterior sample, the noise, then as many draws as diffusers'
+    /// sample of the masked image's posterior (unused by these models), then per-step noise; the
     /// start is pure noise at strength 1, else the noised image; after every step the latents
     /// outside the mask are reset to the image's, noised to the next step.
     pub fn inpaint(
@@ -390,16 +390,7 @@ impl<B: Backend> Pipeline<B> {
         let binary = binarize_mask(mask); // [H, W] in {0, 1}
         let b = &self.backend;
         let init = pixels_to_unit_range(image)?; // [1, H, W, 3]
-        let masked = HostTensor::new(
-            init.shape.clone(),
-            init.data
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| if binary[i / 3] < 0.5 { v } else { 0.0 })
-                .collect(),
-        )?;
         let posterior = encoder.posterior(b, &b.upload(&init)?)?;
-        let masked_posterior = encoder.posterior(b, &b.upload(&masked)?)?;
         let (_, h, w) = self.latent_shape(request);
         let f = self.latent_factor();
         // torch's nearest resize by an exact factor: the top-left pixel of each f×f block.
@@ -413,7 +404,9 @@ impl<B: Backend> Pipeline<B> {
             let sample = posterior.sample(&mut rng); // [1, C, h, w]
             let image_latents: Vec<f32> = sample.data.iter().map(|x| scale * x).collect();
             let noise = rng.randn(image_latents.len());
-            let _unused = masked_posterior.sample(&mut rng);
+            // diffusers samples the masked image's posterior here, which a 4-channel model never
+            // reads: only the generator's draws matter, so they are drawn without the encode.
+            let _masked_image_draws = rng.randn(image_latents.len());
             let latents = if first_step == 0 {
                 let sigma = scheduler.init_noise_sigma();
                 noise.iter().map(|x| x * sigma).collect()
