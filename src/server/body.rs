@@ -126,6 +126,11 @@ async fn read_json_body(
             }
         }
         if !is_json {
+            // Read the body (within the limit) and drop it: answering while the client still
+            // sends it would reset the connection under it, and it would never see the 415.
+            if let Ok(body) = body.take() {
+                let _ = body.into_bytes_limit(limit).await;
+            }
             return Err(ApiError::UnsupportedMediaType {
                 content_type: text.chars().take(100).collect(),
             });
