@@ -10,6 +10,8 @@ What it writes (all built locally, no network / no Hugging Face Hub access):
 * tests/fixtures/reference/tokens.json  tokenizer goldens (transformers CLIPTokenizer vs open_clip).
 * tests/fixtures/tiny-sd21/             a tiny random-weight model with the real SD 2.1 architecture,
   saved in the diffusers layout (f32 safetensors).
+* tests/fixtures/tiny-sd21-inpainting/  the same with a 9-channel UNet (an SD 2 inpainting model);
+  its other components are symlinks to tiny-sd21's.
 * tests/fixtures/reference/*.safetensors|json   reference outputs of the text encoder, UNet, VAE
   decoder, torch CPU randn streams, the schedulers' timesteps/sigmas and whole pipeline images.
   See tests/fixtures/README.md for the exact layout of every file.
@@ -41,6 +43,8 @@ torch.use_deterministic_algorithms(True)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
 MODEL_DIR = os.path.join(FIX, "tiny-sd21")
+# The tiny inpainting model: its own 9-channel UNet; the other components link to tiny-sd21's.
+INPAINTING_DIR = os.path.join(FIX, "tiny-sd21-inpainting")
 TOK_DIR = os.path.join(MODEL_DIR, "tokenizer")
 REF_DIR = os.path.join(FIX, "reference")
 
@@ -619,6 +623,59 @@ def ref_inpaint(pipe):
     write_json(os.path.join(REF_DIR, "inpaint.json"), meta)
 
 
+def save_inpainting_model():
+    """tiny-sd21-inpainting: the tiny model's architecture with a 9-channel UNet input (latents,
+    mask, masked-image latents) as SD 2's inpainting models; text encoder, tokenizer, VAE and
+    scheduler are relative symlinks to tiny-sd21's (the fixtures stay small)."""
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": 9})
+    perturb_(unet, **{**INIT["unet"], "seed": 11})
+    unet.eval().save_pretrained(os.path.join(INPAINTING_DIR, "unet"), safe_serialization=True)
+    for sub in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        link = os.path.join(INPAINTING_DIR, sub)
+        if not os.path.islink(link):
+            os.symlink(os.path.join("..", "tiny-sd21", sub), link)
+    index = {**MODEL_INDEX, "_class_name": "StableDiffusionInpaintPipeline"}
+    write_json(os.path.join(INPAINTING_DIR, "model_index.json"), index)
+
+
+INPAINTING_MODEL_CASES = [("ddim", 1.0), ("euler_a", 1.0), ("dpmpp_2m", 0.75), ("pndm", 1.0),
+                          ("ddim", 0.5)]
+
+
+def ref_inpainting_model():
+    """StableDiffusionInpaintPipeline with the tiny 9-channel model, on the image and mask of
+    ref_inpaint (inpaint.safetensors): at strength 1 diffusers does not encode the image, so the
+    generator draws the noise first, then the masked image's sample."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import StableDiffusionInpaintPipeline
+    from safetensors.torch import load_file
+    given = load_file(os.path.join(REF_DIR, "inpaint.safetensors"))
+    init, mask = given["image"].numpy(), given["mask"].numpy()
+    h, w = init.shape[:2]
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(INPAINTING_DIR, safety_checker=None,
+                                                          torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.in_channels == 9
+    u8, meta = {}, []
+    for scheduler, strength in INPAINTING_MODEL_CASES:
+        name = f"{scheduler}_strength{strength}"
+        pipe.scheduler = load_scheduler(scheduler, prediction_type="epsilon")
+        img = pipe(PROMPT, image=Image.fromarray(init), mask_image=Image.fromarray(mask),
+                   strength=strength, num_inference_steps=7, guidance_scale=7.5,
+                   negative_prompt=NEGATIVE, output_type="np", height=h, width=w,
+                   generator=torch.Generator("cpu").manual_seed(IMAGE_SEED)).images[0]
+        u8[name] = torch.from_numpy(np.round(img * 255.0).astype(np.uint8))
+        meta.append(dict(name=name, scheduler=scheduler, strength=strength, prompt=PROMPT,
+                         negative_prompt=NEGATIVE, steps=7, guidance_scale=7.5, seed=IMAGE_SEED,
+                         width=int(w), height=int(h)))
+        s = image_stats(img)
+        print(f"  inpainting model {name}: pixel std {s['std']:.3f} clipped {s['clipped']:.2%}")
+    save_st("inpainting_model.safetensors", u8)
+    write_json(os.path.join(REF_DIR, "inpainting_model.json"), meta)
+
+
 # --------------------------------------------------------------------------------------------
 # A pure-Python model of torch's CPU randn (documentation for the Rust port, checked against torch)
 # --------------------------------------------------------------------------------------------
@@ -710,7 +767,7 @@ def check_randn_model():
 
 
 def main():
-    stages = sys.argv[1:] or ["tokenizer", "model", "reference"]
+    stages = sys.argv[1:] or ["tokenizer", "model", "inpainting_model", "reference"]
     if "tokenizer" in stages:
         make_tokenizer_files()
         make_token_goldens()
@@ -725,6 +782,10 @@ def main():
         ref_img2img(load_pipeline())
     if "inpaint" in stages:  # likewise (needs images.safetensors)
         ref_inpaint(load_pipeline())
+    if "inpainting_model" in stages:  # the 9-channel model folder
+        save_inpainting_model()
+    if "inpainting_reference" in stages:  # likewise alone (needs inpaint.safetensors)
+        ref_inpainting_model()
     if "reference" in stages:
         pipe = load_pipeline()
         print("model health checks")
@@ -741,6 +802,7 @@ def main():
         ref_images(pipe)
         ref_img2img(pipe)
         ref_inpaint(pipe)
+        ref_inpainting_model()
 
 
 if __name__ == "__main__":
