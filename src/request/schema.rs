@@ -55,6 +55,31 @@ pub trait RequestSchema {
     fn schema(context: &SchemaContext) -> MetaSchema;
 }
 
+/// The `multipart/form-data` form of a JSON body's schema: its base64 image fields (format
+/// `byte`) are files (format `binary`, a file picker in /docs) and leave the example, whose
+/// other fields are the form's text parts.
+pub fn form_schema(mut json: MetaSchema) -> MetaSchema {
+    let mut files = Vec::new();
+    for (name, property) in &mut json.properties {
+        if let MetaSchemaRef::Inline(p) = property {
+            if p.format == Some("byte") {
+                p.format = Some("binary");
+                files.push(*name);
+            }
+        }
+    }
+    if let Some(Value::Object(example)) = &mut json.example {
+        for name in &files {
+            example.remove(*name);
+        }
+    }
+    json.description = Some(
+        "The same fields as the JSON body, as a form: the images as files, every other field \
+         as a text part.",
+    );
+    json
+}
+
 /// One property of a body's schema.
 pub struct Property {
     schema: MetaSchema,

@@ -41,16 +41,21 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
 
     fn register(registry: &mut Registry) {
         registry.create_schema::<T, _>(T::NAME.to_string(), |_| T::schema(&schema::context()));
+        if T::MULTIPART {
+            registry.create_schema::<T, _>(form_name::<T>(), |_| {
+                schema::form_schema(T::schema(&schema::context()))
+            });
+        }
     }
 
     fn request_meta() -> Option<MetaRequest> {
-        let media = |content_type| MetaMediaType {
+        let media = |content_type, name| MetaMediaType {
             content_type,
-            schema: MetaSchemaRef::Reference(T::NAME.to_string()),
+            schema: MetaSchemaRef::Reference(name),
         };
-        let mut content = vec![media("application/json")];
+        let mut content = vec![media("application/json", T::NAME.to_string())];
         if T::MULTIPART {
-            content.push(media("multipart/form-data"));
+            content.push(media("multipart/form-data", form_name::<T>()));
         }
         Some(MetaRequest {
             description: Some(if T::MULTIPART {
@@ -78,6 +83,11 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
 
 /// The body of a JSON request, at most `limit` bytes (the route's `RequestSchema::MAX_BODY_BYTES`). A missing Content-Type is taken
 /// as JSON (as FastAPI does); any other than `application/json` or `…+json` is refused.
+/// The name of a multipart request type's form schema.
+fn form_name<T: RequestSchema>() -> String {
+    format!("{}Form", T::NAME)
+}
+
 /// For a request type that reads multipart forms: its string-typed fields (their text parts stay
 /// text), from its own schema. `None` when it reads JSON only.
 fn multipart_text<T: RequestSchema>() -> Option<Vec<&'static str>> {
