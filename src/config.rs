@@ -232,6 +232,12 @@ pub struct VaeConfig {
     pub up_block_types: Vec<String>,
 }
 
+/// Whether the UNet also takes the mask and the masked image's latents (SD 2's inpainting
+/// models: `in_channels` = 2 · latent channels + 1); such a model runs inpainting only.
+pub fn is_inpainting_model(unet: &UnetConfig, vae: &VaeConfig) -> bool {
+    unet.in_channels == 2 * vae.latent_channels + 1
+}
+
 /// A model's native image size `(width, height)`: UNet `sample_size` × the VAE's latent factor.
 pub fn native_size(unet: &UnetConfig, vae: &VaeConfig) -> (usize, usize) {
     let side = unet.sample_size * vae.latent_factor();

@@ -23,7 +23,9 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 use tokio::sync::oneshot;
 
 use crate::error::Fault;
+use crate::image_io::RgbImage;
 use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Start};
+use crate::request::ValidationError;
 use crate::sampling::SchedulerKind;
 use crate::Error;
 
@@ -50,6 +52,8 @@ pub struct ModelInfo {
     pub latent_factor: usize,
     /// The model's own scheduler, or why it cannot be used (then requests must name one).
     pub default_scheduler: std::result::Result<SchedulerKind, String>,
+    /// An inpainting model ([`crate::config::is_inpainting_model`]): it runs inpainting only.
+    pub inpainting_model: bool,
 }
 
 impl ModelInfo {
@@ -61,7 +65,16 @@ impl ModelInfo {
             native_size: generator.native_size(),
             latent_factor: generator.latent_factor(),
             default_scheduler: generator.default_scheduler().map_err(|e| e.to_string()),
+            inpainting_model: generator.inpainting_model(),
         }
+    }
+
+    /// Whether this model can run a generation from `start`: an inpainting model runs only
+    /// [`Start::Masked`].
+    pub fn check_start(&self, start: &Start) -> std::result::Result<(), ValidationError> {
+        start
+            .pipeline()
+            .check_runs_on(&self.name, self.inpainting_model)
     }
 }
 
@@ -486,10 +499,13 @@ fn start_up(shared: &Shared, load: ModelLoader) -> Result<Box<dyn ImageGenerator
             .unwrap_or(SchedulerKind::Ddim),
         number_of_images: 1,
     };
+    let start = warm_up_start(&info, side);
     let _ = shared.model.set(info);
     let started = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        generator.generate(&warm_up, &mut |_| !shared.abort.load(Ordering::Relaxed))
+        start.run(generator.as_ref(), &warm_up, &mut |_| {
+            !shared.abort.load(Ordering::Relaxed)
+        })
     }));
     match result {
         Ok(Ok(_)) => {}
@@ -506,6 +522,26 @@ fn start_up(shared: &Shared, load: ModelLoader) -> Result<Box<dyn ImageGenerator
         "warm-up done; ready"
     );
     Ok(generator)
+}
+
+/// txt2img, or for an inpainting model (which runs nothing else) a grey `side`² image with all of
+/// it repainted.
+fn warm_up_start(info: &ModelInfo, side: usize) -> Start {
+    if !info.inpainting_model {
+        return Start::Noise;
+    }
+    let plain = |value| {
+        Arc::new(RgbImage {
+            width: side,
+            height: side,
+            pixels: vec![value; side * side * 3],
+        })
+    };
+    Start::Masked {
+        image: plain(128),
+        mask: plain(255),
+        strength: 1.0,
+    }
 }
 
 /// Width and height of the warm-up generation: 8 latent pixels (64 for SD 2.1), enough to run

@@ -106,8 +106,8 @@ struct DownloadArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers-layout model folder, or a Hub repository (org/name, sd21, sd21-base) fetched
-    /// into --weights-dir when missing.
+    /// A diffusers-layout model folder, or a Hub repository (org/name, sd21, sd21-base,
+    /// sd2-inpaint) fetched into --weights-dir when missing.
     #[arg(long, default_value = "sd21-base")]
     model: String,
     /// Revision of a Hub repository given as --model.
@@ -154,8 +154,8 @@ struct GenerateArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// A diffusers-layout model folder, or a Hub repository (org/name, sd21, sd21-base) fetched
-    /// into --weights-dir when missing; resolved and loaded once, at start-up.
+    /// A diffusers-layout model folder, or a Hub repository (org/name, sd21, sd21-base,
+    /// sd2-inpaint) fetched into --weights-dir when missing; resolved and loaded once, at start-up.
     #[arg(long, env = "SD21_MODEL", default_value = "sd21-base")]
     model: String,
     /// Revision of a Hub repository given as --model.
@@ -305,38 +305,41 @@ fn resolve_model(model: &str, revision: &str, weights_dir: &Path) -> Result<Path
 fn generate(args: GenerateArgs) -> Result<()> {
     let (files, model) = locate_model(&args)?;
     let request = build_request(&args, &model)?;
-    run_and_save(&files, &args, &request, Start::Noise)
+    run_and_save(&files, &model, &args, &request, Start::Noise)
 }
 
 fn img2img(args: Img2ImgArgs) -> Result<()> {
     let init = read_image("--init-image", &args.init_image)?;
-    let (files, request) = sized_request(&args.generate, &init)?;
+    let (files, model, request) = sized_request(&args.generate, &init)?;
     let start = Start::Image {
         init: Arc::new(fit(init, &request, "init image")?),
         strength: args.strength,
     };
-    run_and_save(&files, &args.generate, &request, start)
+    run_and_save(&files, &model, &args.generate, &request, start)
 }
 
 fn inpaint(args: InpaintArgs) -> Result<()> {
     let image = read_image("--image", &args.image)?;
     let mask = read_image("--mask", &args.mask)?;
-    let (files, request) = sized_request(&args.generate, &image)?;
+    let (files, model, request) = sized_request(&args.generate, &image)?;
     let start = Start::Masked {
         image: Arc::new(fit(image, &request, "image")?),
         mask: Arc::new(fit(mask, &request, "mask")?),
         strength: args.strength,
     };
-    run_and_save(&files, &args.generate, &request, start)
+    run_and_save(&files, &model, &args.generate, &request, start)
 }
 
-/// Loads the model, runs `request` from `start` with a progress bar, and writes the PNGs.
+/// Loads the model (when it runs `start`), runs `request` from `start` with a progress bar, and
+/// writes the PNGs.
 fn run_and_save(
     files: &ModelFiles,
+    model: &ModelInfo,
     args: &GenerateArgs,
     request: &GenerationRequest,
     start: Start,
 ) -> Result<()> {
+    model.check_start(&start)?;
     let pipeline = load_pipeline(files, args, request)?;
     let bar = progress_bar();
     let images = start.run(pipeline.as_ref(), request, &mut |p| {
@@ -360,12 +363,15 @@ fn read_image(flag: &str, path: &Path) -> Result<RgbImage> {
 
 /// The request, with width and height defaulting to `image`'s size rounded down to the latent
 /// factor.
-fn sized_request(args: &GenerateArgs, image: &RgbImage) -> Result<(ModelFiles, GenerationRequest)> {
+fn sized_request(
+    args: &GenerateArgs,
+    image: &RgbImage,
+) -> Result<(ModelFiles, ModelInfo, GenerationRequest)> {
     let (files, mut model) = locate_model(args)?;
     let f = model.latent_factor;
     model.native_size = ((image.width / f * f).max(f), (image.height / f * f).max(f));
     let request = build_request(args, &model)?;
-    Ok((files, request))
+    Ok((files, model, request))
 }
 
 /// `image` at the request's size (resized with a Lanczos filter when it is not).

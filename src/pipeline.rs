@@ -11,6 +11,7 @@ use crate::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig
 use crate::engine::ModelInfo;
 use crate::image_io::RgbImage;
 use crate::model::{ClipTextModel, Unet, VaeDecoder, VaeEncoder};
+use crate::request::ValidationError;
 use crate::sampling::rng::TorchGenerator;
 use crate::sampling::{build_scheduler, img2img_first_step, Scheduler, SchedulerKind};
 use crate::tensor::HostTensor;
@@ -85,6 +86,7 @@ impl ModelConfigs {
             latent_factor: self.vae.latent_factor(),
             default_scheduler: SchedulerKind::from_config(&self.scheduler)
                 .map_err(|e| e.to_string()),
+            inpainting_model: config::is_inpainting_model(&self.unet, &self.vae),
         }
     }
 }
@@ -165,17 +167,19 @@ impl<B: Backend> Pipeline<B> {
                 clip_config.hidden_size, unet_config.cross_attention_dim
             )));
         }
-        if unet_config.in_channels == 2 * vae_config.latent_channels + 1 {
+        let latent = vae_config.latent_channels;
+        if unet_config.in_channels != latent && unet_config.in_channels != 2 * latent + 1 {
             return Err(Error::Config(format!(
-                "this is an inpainting model (a UNet with {} input channels: latents, mask and \
-                 masked-image latents); those models are not supported yet",
-                unet_config.in_channels
+                "unet in_channels {} is neither the vae's latent_channels {latent} nor {} (an \
+                 inpainting model: latents, mask and masked-image latents)",
+                unet_config.in_channels,
+                2 * latent + 1
             )));
         }
-        if vae_config.latent_channels != unet_config.in_channels {
+        if unet_config.out_channels != latent {
             return Err(Error::Config(format!(
-                "vae latent_channels {} does not match unet in_channels {}",
-                vae_config.latent_channels, unet_config.in_channels
+                "unet out_channels {} does not match vae latent_channels {latent}",
+                unet_config.out_channels
             )));
         }
         let text_encoder = ClipTextModel::load(
@@ -303,7 +307,7 @@ impl<B: Backend> Pipeline<B> {
         request: &GenerationRequest,
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
-        self.check_request(request)?;
+        self.check_request(request, Pipelines::Txt2Img)?;
         self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
             let mut rng = TorchGenerator::new(seed);
             let scheduler = self.scheduler(request)?;
@@ -315,7 +319,7 @@ impl<B: Backend> Pipeline<B> {
                 latents: latents.collect(),
                 first_step: 0,
                 rng,
-                keep: None,
+                masking: Masking::None,
             };
             self.denoise(request, context, guidance, start, on_step)
         })
@@ -332,7 +336,7 @@ impl<B: Backend> Pipeline<B> {
         strength: f64,
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
-        self.check_request(request)?;
+        self.check_request(request, Pipelines::Img2Img)?;
         let encoder = self.encoder("img2img")?;
         if (init.width, init.height) != (request.width, request.height) {
             return Err(Error::InvalidRequest(format!(
@@ -356,18 +360,20 @@ impl<B: Backend> Pipeline<B> {
                 scheduler,
                 first_step,
                 rng,
-                keep: None,
+                masking: Masking::None,
             };
             self.denoise(request, context, guidance, start, on_step)
         })
     }
 
-    /// Inpainting as diffusers' `StableDiffusionInpaintPipeline` with a 4-channel model:
-    /// `mask` white (≥ 0.5 after PIL's grayscale) is repainted, black kept. The generator of
-    /// image i draws the image's posterior sample, the noise, then as many draws as diffusers'
-    /// sample of the masked image's posterior (unused by these models), then per-step noise; the
-    /// start is pure noise at strength 1, else the noised image; after every step the latents
-    /// outside the mask are reset to the image's, noised to the next step.
+    /// Inpainting as diffusers' `StableDiffusionInpaintPipeline`: `mask` white (≥ 0.5 after
+    /// PIL's grayscale) is repainted, black kept. The start is pure noise at strength 1, else the
+    /// image's latents noised to the first step. A 4-channel model has the latents outside the mask
+    /// reset to the image's (noised to the next step) after every step; an inpainting model
+    /// ([`config::is_inpainting_model`]) takes the mask and the masked image's latents as extra
+    /// UNet input instead. The generator of image i (seed + i) draws as diffusers': the image's
+    /// posterior sample (only where its latents are used), the noise, the masked image's sample
+    /// (drawn but unused by 4-channel models), then per-step noise.
     pub fn inpaint(
         &self,
         request: &GenerationRequest,
@@ -376,7 +382,7 @@ impl<B: Backend> Pipeline<B> {
         strength: f64,
         on_step: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
-        self.check_request(request)?;
+        self.check_request(request, Pipelines::Inpaint)?;
         let encoder = self.encoder("inpainting")?;
         let size = (request.width, request.height);
         if (image.width, image.height) != size || (mask.width, mask.height) != size {
@@ -387,45 +393,83 @@ impl<B: Backend> Pipeline<B> {
             )));
         }
         let first_step = img2img_first_step(request.steps, strength)?;
+        // diffusers' is_strength_max: the start is pure noise (a step count can round a strength
+        // just below 1 to first_step 0 too; diffusers noises the image then).
+        let from_noise = strength >= 1.0;
+        let conditioned = self.is_inpainting_model();
         let binary = binarize_mask(mask); // [H, W] in {0, 1}
         let b = &self.backend;
         let init = pixels_to_unit_range(image)?; // [1, H, W, 3]
-        let posterior = encoder.posterior(b, &b.upload(&init)?)?;
-        let (_, h, w) = self.latent_shape(request);
-        let f = self.latent_factor();
-        // torch's nearest resize by an exact factor: the top-left pixel of each f×f block.
-        let latent_mask: Vec<f32> = (0..h * w)
-            .map(|i| binary[(i / w) * f * request.width + (i % w) * f])
-            .collect();
+        let image_posterior = if conditioned && from_noise {
+            None
+        } else {
+            Some(encoder.posterior(b, &b.upload(&init)?)?) // [1, C, h, w] each
+        };
+        let masked_posterior = if conditioned {
+            let masked = masked_image(&init, &binary)?; // [1, H, W, 3]
+            Some(encoder.posterior(b, &b.upload(&masked)?)?)
+        } else {
+            None
+        };
+        let latent_mask = self.latent_mask(request, &binary); // [h, w]
         let scale = self.vae.config().scaling_factor;
+        let scaled =
+            |sample: HostTensor| -> Vec<f32> { sample.data.iter().map(|x| scale * x).collect() };
         self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
             let mut rng = TorchGenerator::new(seed);
             let scheduler = self.scheduler(request)?;
-            let sample = posterior.sample(&mut rng); // [1, C, h, w]
-            let image_latents: Vec<f32> = sample.data.iter().map(|x| scale * x).collect();
-            let noise = rng.randn(image_latents.len());
-            // diffusers samples the masked image's posterior here, which a 4-channel model never
-            // reads: only the generator's draws matter, so they are drawn without the encode.
-            let _masked_image_draws = rng.randn(image_latents.len());
-            let latents = if first_step == 0 {
-                let sigma = scheduler.init_noise_sigma();
-                noise.iter().map(|x| x * sigma).collect()
-            } else {
-                scheduler.add_noise(&image_latents, &noise, first_step)?
+            let (c, h, w) = self.latent_shape(request);
+            let image_latents = image_posterior.as_ref().map(|p| scaled(p.sample(&mut rng))); // [1, C, h, w]
+            let noise = rng.randn(c * h * w);
+            let masked_image_latents = match &masked_posterior {
+                Some(p) => scaled(p.sample(&mut rng)),
+                // a 4-channel model never reads them: only the generator's draws matter.
+                None => rng.randn(c * h * w),
+            };
+            let latents = match &image_latents {
+                Some(image_latents) if !from_noise => {
+                    scheduler.add_noise(image_latents, &noise, first_step)?
+                }
+                _ => {
+                    let sigma = scheduler.init_noise_sigma();
+                    noise.iter().map(|x| x * sigma).collect()
+                }
+            };
+            let masking = match image_latents {
+                Some(image_latents) if !conditioned => Masking::Blend(KeptLatents {
+                    image_latents,
+                    noise,
+                    mask: latent_mask.clone(),
+                }),
+                _ => Masking::Condition(MaskCondition {
+                    mask: latent_mask.clone(),
+                    masked_image_latents,
+                }),
             };
             let start = DenoiseStart {
                 scheduler,
                 latents,
                 first_step,
                 rng,
-                keep: Some(KeptLatents {
-                    image_latents,
-                    noise,
-                    mask: latent_mask.clone(),
-                }),
+                masking,
             };
             self.denoise(request, context, guidance, start, on_step)
         })
+    }
+
+    /// Whether this is an inpainting model ([`config::is_inpainting_model`]).
+    pub fn is_inpainting_model(&self) -> bool {
+        config::is_inpainting_model(self.unet.config(), self.vae.config())
+    }
+
+    /// The binary image mask `[H, W]` at latent size `[h, w]`, as torch's nearest resize by an
+    /// exact factor: the top-left pixel of each f×f block.
+    fn latent_mask(&self, request: &GenerationRequest, binary: &[f32]) -> Vec<f32> {
+        let (_, h, w) = self.latent_shape(request);
+        let f = self.latent_factor();
+        (0..h * w)
+            .map(|i| binary[(i / w) * f * request.width + (i % w) * f])
+            .collect()
     }
 
     /// The VAE encoder `what` needs, or why this model has none.
@@ -435,8 +479,12 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
-    /// The request rules every pipeline shares (the server and the CLI check them earlier).
-    fn check_request(&self, request: &GenerationRequest) -> Result<()> {
+    /// The request rules every pipeline shares (the server and the CLI check them earlier), and
+    /// whether this model runs `pipeline`.
+    fn check_request(&self, request: &GenerationRequest, pipeline: Pipelines) -> Result<()> {
+        pipeline
+            .check_runs_on(&self.model_name, self.is_inpainting_model())
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
         let f = self.latent_factor();
         if request.width == 0
             || request.height == 0
@@ -503,7 +551,7 @@ impl<B: Backend> Pipeline<B> {
     /// `(C, h, w)` of the request's latents.
     fn latent_shape(&self, request: &GenerationRequest) -> (usize, usize, usize) {
         let f = self.latent_factor();
-        let c = self.unet.config().in_channels;
+        let c = self.vae.config().latent_channels;
         (c, request.height / f, request.width / f)
     }
 
@@ -523,7 +571,7 @@ impl<B: Backend> Pipeline<B> {
             mut latents,
             first_step,
             mut rng,
-            keep,
+            masking,
         } = start;
         let b = &self.backend;
         let (c, h, w) = self.latent_shape(request);
@@ -533,7 +581,11 @@ impl<B: Backend> Pipeline<B> {
         for (i, &t) in timesteps.iter().enumerate().skip(first_step) {
             let mut input = latents.repeat(rows); // [rows, C, h, w]
             scheduler.scale_model_input(&mut input, i);
-            let input = HostTensor::new(vec![rows, c, h, w], input)?.nchw_to_nhwc()?; // [rows, h, w, C]
+            if let Masking::Condition(condition) = &masking {
+                input = condition.unet_input(&input, rows); // [rows, 2C + 1, h, w]
+            }
+            let c_in = input.len() / (rows * h * w);
+            let input = HostTensor::new(vec![rows, c_in, h, w], input)?.nchw_to_nhwc()?; // [rows, h, w, C_in]
             let out = self.evaluate_unet(&b.upload(&input)?, t, context)?; // [rows, h, w, C]
             let out = b.download(&out)?.nhwc_to_nchw()?.data; // [rows, C, h, w]
             if out.iter().any(|v| !v.is_finite()) {
@@ -555,7 +607,7 @@ impl<B: Backend> Pipeline<B> {
                 out
             };
             latents = scheduler.step(&guided, i, &latents, &mut rng)?;
-            if let Some(keep) = &keep {
+            if let Masking::Blend(keep) = &masking {
                 keep.blend(scheduler.as_ref(), &mut latents, i)?;
             }
             if !on_step(i + 1 - first_step, total) {
@@ -615,8 +667,40 @@ struct DenoiseStart {
     latents: Vec<f32>,
     first_step: usize,
     rng: TorchGenerator,
-    /// Inpainting with a 4-channel model: what is kept outside the mask after every step.
-    keep: Option<KeptLatents>,
+    masking: Masking,
+}
+
+/// How inpainting keeps what is outside the mask, by kind of model.
+enum Masking {
+    /// Not inpainting.
+    None,
+    /// A 4-channel model: the latents are blended with the image's after every step.
+    Blend(KeptLatents),
+    /// An inpainting model: the mask and the masked image's latents are UNet input.
+    Condition(MaskCondition),
+}
+
+/// The extra UNet input of an inpainting model, as diffusers concatenates it after
+/// `scale_model_input`: `[latents, mask, masked-image latents]` along the channels.
+struct MaskCondition {
+    /// 1 where the model repaints: `[h, w]`.
+    mask: Vec<f32>,
+    /// The masked image's scaled latents, `[1, C, h, w]`.
+    masked_image_latents: Vec<f32>,
+}
+
+impl MaskCondition {
+    /// `[rows, C, h, w]` scaled latents → `[rows, 2C + 1, h, w]`.
+    fn unet_input(&self, latents: &[f32], rows: usize) -> Vec<f32> {
+        let per_row = latents.len() / rows;
+        let mut input = Vec::with_capacity(latents.len() + rows * (self.mask.len() + per_row));
+        for row in latents.chunks_exact(per_row) {
+            input.extend_from_slice(row);
+            input.extend_from_slice(&self.mask);
+            input.extend_from_slice(&self.masked_image_latents);
+        }
+        input
+    }
 }
 
 /// diffusers' inpainting blend for 4-channel models: after step i the latents outside the mask
@@ -687,6 +771,18 @@ fn binarize_mask(mask: &RgbImage) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// diffusers' masked image: `image [1, H, W, 3]` where the binary mask `[H, W]` keeps it, 0
+/// where it is repainted.
+fn masked_image(image: &HostTensor, binary_mask: &[f32]) -> Result<HostTensor> {
+    let data = image
+        .data
+        .chunks_exact(3)
+        .zip(binary_mask)
+        .flat_map(|(rgb, &m)| rgb.iter().map(move |&x| if m < 0.5 { x } else { 0.0 }))
+        .collect();
+    HostTensor::new(image.shape.clone(), data)
 }
 
 /// `[1, H, W, 3]` in [-1, 1] → 8-bit RGB.
@@ -788,12 +884,55 @@ impl Start {
         }
     }
 
+    /// The pipeline this start runs.
+    pub fn pipeline(&self) -> Pipelines {
+        match self {
+            Start::Noise => Pipelines::Txt2Img,
+            Start::Image { .. } => Pipelines::Img2Img,
+            Start::Masked { .. } => Pipelines::Inpaint,
+        }
+    }
+
     /// The strength, for img2img and inpainting.
     pub fn strength(&self) -> Option<f64> {
         match self {
             Start::Noise => None,
             Start::Image { strength, .. } | Start::Masked { strength, .. } => Some(*strength),
         }
+    }
+}
+
+/// The three pipelines, for the rule of which model runs which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipelines {
+    Txt2Img,
+    Img2Img,
+    Inpaint,
+}
+
+impl Pipelines {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pipelines::Txt2Img => "txt2img",
+            Pipelines::Img2Img => "img2img",
+            Pipelines::Inpaint => "inpainting",
+        }
+    }
+
+    /// Whether a model can run this pipeline: an inpainting model
+    /// ([`config::is_inpainting_model`]) runs only inpainting, as in diffusers.
+    pub fn check_runs_on(
+        self,
+        model_name: &str,
+        inpainting_model: bool,
+    ) -> std::result::Result<(), ValidationError> {
+        if inpainting_model && self != Pipelines::Inpaint {
+            return Err(ValidationError::InpaintingModelOnly {
+                model: model_name.to_string(),
+                pipeline: self.name(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -832,6 +971,8 @@ pub trait ImageGenerator: Send {
     fn model_name(&self) -> &str;
     /// The device, for logs.
     fn describe_device(&self) -> String;
+    /// See [`Pipeline::is_inpainting_model`].
+    fn inpainting_model(&self) -> bool;
 }
 
 impl<B: Backend> ImageGenerator for Pipeline<B> {
@@ -875,6 +1016,9 @@ impl<B: Backend> ImageGenerator for Pipeline<B> {
     }
     fn describe_device(&self) -> String {
         self.backend.describe()
+    }
+    fn inpainting_model(&self) -> bool {
+        self.is_inpainting_model()
     }
 }
 

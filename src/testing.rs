@@ -19,12 +19,24 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy)]
 pub struct FakeGenerator {
     scheduler: SchedulerKind,
+    inpainting_model: bool,
 }
 
 impl FakeGenerator {
     /// A fake whose own scheduler is `scheduler`.
     pub fn new(scheduler: SchedulerKind) -> Self {
-        FakeGenerator { scheduler }
+        FakeGenerator {
+            scheduler,
+            inpainting_model: false,
+        }
+    }
+
+    /// The same fake, telling that it is an inpainting model (it still runs everything).
+    pub fn as_inpainting_model(self) -> Self {
+        FakeGenerator {
+            inpainting_model: true,
+            ..self
+        }
     }
 
     /// Loads this fake (for `Engine::start` and `server::serve`).
@@ -118,6 +130,10 @@ impl ImageGenerator for FakeGenerator {
 
     fn describe_device(&self) -> String {
         "test".into()
+    }
+
+    fn inpainting_model(&self) -> bool {
+        self.inpainting_model
     }
 }
 

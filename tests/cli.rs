@@ -331,7 +331,8 @@ fn img2img_from_a_png_equals_diffusers_and_resizes_odd_sizes() {
 }
 
 /// `sd21 inpaint` on the fixture's image and mask equals diffusers' StableDiffusionInpaintPipeline
-/// (reference/inpaint.*, the ddim 1.0 case).
+/// (the ddim 1.0 case) with the 4-channel model (reference/inpaint.*) and the 9-channel inpainting
+/// model (reference/inpainting_model.*).
 #[test]
 fn inpaint_from_pngs_equals_diffusers() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,26 +343,67 @@ fn inpaint_from_pngs_equals_diffusers() {
         path
     };
     let (image, mask) = (write("image"), write("mask"));
-    let out = dir.path().join("out.png");
-    let result = sd21()
-        .args(["inpaint", "--model"])
-        .arg(tiny_model())
-        .arg("--image")
-        .arg(&image)
-        .arg("--mask")
-        .arg(&mask)
-        .args(["--prompt", "a photograph of an astronaut riding a horse"])
-        .args(["--negative-prompt", "blurry, low quality"])
-        .args(["--steps", "7", "--cfg-scale", "7.5", "--scheduler", "ddim"])
-        .args(["--seed", "208513106212", "--output"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(result.status.success(), "{stderr}");
-    let (_, _, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
-    assert!(text.contains("Denoising strength: 1"), "{text}");
-    let expected = fixture.image("ddim_strength1.0");
-    let max = max_pixel_diff(&pixels, &expected.pixels);
-    assert!(max <= 2, "max |diff| {max}/255 against diffusers");
+    let models = [
+        (tiny_model(), "inpaint.safetensors"),
+        (tiny_inpainting_model(), "inpainting_model.safetensors"),
+    ];
+    for (model, expected_file) in models {
+        let out = dir.path().join("out.png");
+        let result = sd21()
+            .args(["inpaint", "--model"])
+            .arg(&model)
+            .arg("--image")
+            .arg(&image)
+            .arg("--mask")
+            .arg(&mask)
+            .args(["--prompt", "a photograph of an astronaut riding a horse"])
+            .args(["--negative-prompt", "blurry, low quality"])
+            .args(["--steps", "7", "--cfg-scale", "7.5", "--scheduler", "ddim"])
+            .args(["--seed", "208513106212", "--output"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(result.status.success(), "{expected_file}: {stderr}");
+        let (_, _, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
+        assert!(text.contains("Denoising strength: 1"), "{text}");
+        let expected = FixtureImages::open(expected_file).image("ddim_strength1.0");
+        let max = max_pixel_diff(&pixels, &expected.pixels);
+        assert!(
+            max <= 2,
+            "{expected_file}: max |diff| {max}/255 against diffusers"
+        );
+    }
+}
+
+/// An inpainting model asked for txt2img or img2img fails before loading, saying what it is.
+#[test]
+fn an_inpainting_model_runs_only_inpaint() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init.png");
+    let fixture = FixtureImages::open("inpaint.safetensors");
+    std::fs::write(&init, fixture.png("image")).unwrap();
+    let runs: [&[&str]; 2] = [&["generate"], &["img2img", "--init-image"]];
+    for run in runs {
+        let mut command = sd21();
+        command.args(run);
+        if run.len() > 1 {
+            command.arg(&init);
+        }
+        let result = command
+            .arg("--model")
+            .arg(tiny_inpainting_model())
+            .args(["--prompt", "a boat", "--steps", "2", "--output"])
+            .arg(dir.path().join("out.png"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{run:?} ran");
+        assert!(
+            stderr.contains("is an inpainting model"),
+            "{run:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!dir.path().join("out.png").exists());
+    }
 }

@@ -178,15 +178,24 @@ struct Server {
 impl Server {
     /// Starts `sd21 serve` with the tiny model on a free port and waits until /ready says 200.
     fn start(extra: &[&str]) -> Server {
-        let server = Self::spawn(extra);
+        Self::start_model(&tiny_model(), extra)
+    }
+
+    /// [`Server::start`] with the model folder `model`.
+    fn start_model(model: &std::path::Path, extra: &[&str]) -> Server {
+        let server = Self::spawn_model(model, extra);
         server.wait_until("ready", |s| get(s.addr, "/ready", &[]).status == 200);
         server
     }
 
     fn spawn(extra: &[&str]) -> Server {
+        Self::spawn_model(&tiny_model(), extra)
+    }
+
+    fn spawn_model(model: &std::path::Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sd21"))
             .args(["serve", "--model"])
-            .arg(tiny_model())
+            .arg(model)
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(extra)
             .env("NO_COLOR", "1")
@@ -592,6 +601,14 @@ fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
             ),
             "init_image",
         ),
+        (
+            "decompression bomb",
+            body(
+                &base64::engine::general_purpose::STANDARD.encode(png_bomb(60_000, 60_000)),
+                json!(0.5),
+            ),
+            "init_image",
+        ),
         ("strength above 1", body(&b64, json!(1.5)), "strength"),
         ("no step left", body(&b64, json!(0.05)), "strength"),
     ];
@@ -652,6 +669,87 @@ fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
         schema["properties"]["steps"]["maximum"].as_f64(),
         Some(150.0)
     );
+}
+
+/// A decompression bomb: a PNG of `width × height` black pixels whose file holds only the first
+/// rows' compressed data (a few hundred bytes that claim gigabytes; refused from the header).
+fn png_bomb(width: u32, height: u32) -> Vec<u8> {
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.finalize().to_be_bytes());
+        out
+    };
+    let mut header = width.to_be_bytes().to_vec();
+    header.extend_from_slice(&height.to_be_bytes());
+    header.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no filter set, no interlace
+    let mut rows = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let row = vec![0u8; 1 + 3 * width as usize];
+    for _ in 0..4 {
+        rows.write_all(&row).unwrap();
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &header));
+    png.extend(chunk(b"IDAT", &rows.finish().unwrap()));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
+/// An inpainting (9-channel) model: `/inpaint/` equals diffusers (reference/inpainting_model.*,
+/// the ddim 1.0 case); `/generate/` and `/img2img/` are 422 saying it is an inpainting model.
+#[test]
+fn an_inpainting_model_serves_inpaint_only() {
+    let server = Server::start_model(&common::tiny_inpainting_model(), &[]);
+    let fixture = common::FixtureImages::open("inpaint.safetensors");
+    let b64 = |name: &str| base64::engine::general_purpose::STANDARD.encode(fixture.png(name));
+    let (image, mask) = (b64("image"), b64("mask"));
+    let body = json!({
+        "prompt": "a photograph of an astronaut riding a horse",
+        "negative_prompt": "blurry, low quality", "image": image, "mask": mask,
+        "steps": 7, "cfg_scale": 7.5, "scheduler": "ddim", "seed": 208513106212u64,
+    });
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Accept", "image/png"),
+    ];
+    let post = |path: &str, body: &Value| {
+        send(
+            server.addr,
+            "POST",
+            path,
+            &headers,
+            Some(body.to_string().as_bytes()),
+        )
+    };
+    let reply = post("/inpaint/", &body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let expected = common::FixtureImages::open("inpainting_model.safetensors");
+    let max = common::max_pixel_diff(
+        &decode_png(&reply.body).2,
+        &expected.image("ddim_strength1.0").pixels,
+    );
+    assert!(max <= 2, "max |diff| {max}/255 against diffusers");
+    let others = [
+        ("/generate/", json!({"prompt": "a boat", "steps": 2})),
+        (
+            "/img2img/",
+            json!({"prompt": "a boat", "steps": 2, "init_image": image}),
+        ),
+    ];
+    for (path, body) in others {
+        let reply = post(path, &body);
+        assert_eq!(reply.status, 422, "{path}: {}", reply.text());
+        assert!(
+            reply.text().contains("is an inpainting model"),
+            "{path}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(get(server.addr, "/health", &[]).status, 200);
 }
 
 /// `POST /inpaint/` equals diffusers' StableDiffusionInpaintPipeline (reference/inpaint.*: the
@@ -794,6 +892,24 @@ fn image_routes_read_multipart_forms() {
     let spec = get(server.addr, "/openapi.json", &[]).json();
     let content = &spec["paths"]["/img2img/"]["post"]["requestBody"]["content"];
     assert!(content["multipart/form-data"].is_object(), "{content}");
+    // Each body type has its schema and example: base64 in JSON, files in the form.
+    let schemas = &spec["components"]["schemas"];
+    for (name, image_field) in [("Img2Img", "init_image"), ("Inpaint", "image")] {
+        let json_schema = &schemas[format!("{name}Request")];
+        let form = &schemas[format!("{name}RequestForm")];
+        assert_eq!(json_schema["properties"][image_field]["format"], "byte");
+        assert_eq!(form["properties"][image_field]["format"], "binary");
+        assert!(
+            json_schema["example"][image_field].is_string(),
+            "{json_schema}"
+        );
+        assert!(form["example"]["prompt"].is_string(), "{form}");
+        assert!(form["example"].get(image_field).is_none(), "{form}");
+    }
+    assert_eq!(
+        content["multipart/form-data"]["schema"]["$ref"],
+        "#/components/schemas/Img2ImgRequestForm"
+    );
 }
 
 #[test]

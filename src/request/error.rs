@@ -68,13 +68,23 @@ pub enum ValidationError {
     StrengthOutOfRange { value: f64 },
     #[error("strength {strength} of {steps} steps leaves no step to run (strength × steps < 1)")]
     NoStepLeft { strength: f64, steps: usize },
+    #[error(
+        "{model} is an inpainting model (its UNet also takes a mask and the masked image), so it \
+         cannot run {pipeline}, as in diffusers; use /inpaint/ (sd21 inpaint) or another model"
+    )]
+    InpaintingModelOnly {
+        model: String,
+        pipeline: &'static str,
+    },
 }
 
 impl ValidationError {
     /// The request field at fault (`body` when it is the whole body).
     pub fn field(&self) -> &'static str {
         match self {
-            ValidationError::NotAnObject { .. } => "body",
+            ValidationError::NotAnObject { .. } | ValidationError::InpaintingModelOnly { .. } => {
+                "body"
+            }
             ValidationError::Missing { field }
             | ValidationError::WrongType { field, .. }
             | ValidationError::TooLong { field, .. }

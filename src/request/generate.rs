@@ -297,6 +297,7 @@ mod tests {
             native_size: (512, 512),
             latent_factor: 8,
             default_scheduler: Ok(SchedulerKind::Pndm),
+            inpainting_model: false,
         }
     }
 

@@ -65,7 +65,8 @@ impl InpaintRules {
             "The /generate/ fields plus image and mask (base64 PNG, JPEG or WebP; a data: URL \
              prefix is accepted; white in the mask is repainted, black kept) and strength. Width \
              and height default to the image's size rounded down to a multiple of 8; the mask and \
-             the image are resized to it when they differ (Lanczos). 4-channel models only.",
+             the image are resized to it when they differ (Lanczos). Ordinary and inpainting \
+             (9-channel) models.",
         );
         schema.required = vec!["prompt", "image", "mask"];
         let image =

@@ -172,9 +172,10 @@ impl Api {
 
     /// Repaint the masked part of an image from a prompt (inpainting)
     ///
-    /// As diffusers' StableDiffusionInpaintPipeline with an ordinary (4-channel) model:
-    /// `/generate/`'s fields plus `image` and `mask` (base64 PNG, JPEG or WebP; white in the mask is
-    /// repainted) and `strength` (default 1). The same answers as `/generate/`; bodies up to 16 MiB.
+    /// As diffusers' StableDiffusionInpaintPipeline, with an ordinary model or an inpainting
+    /// (9-channel) one: `/generate/`'s fields plus `image` and `mask` (base64 PNG, JPEG or WebP;
+    /// white in the mask is repainted) and `strength` (default 1). The same answers as
+    /// `/generate/`; bodies up to 16 MiB. An inpainting model serves only this route.
     #[oai(path = "/inpaint", method = "post", operation_id = "inpaint")]
     async fn inpaint(
         &self,
@@ -283,6 +284,7 @@ impl Api {
         let model = self.engine.model().ok_or(SubmitError::NotReady)?;
         let model_name = model.name.clone();
         let (validated, start) = parse(parse_json(&body)?, model)?;
+        model.check_start(&start)?;
         let request = validated.request;
         let strength = start.strength();
         let ticket = self

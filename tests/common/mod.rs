@@ -18,6 +18,11 @@ pub fn tiny_model() -> PathBuf {
     fixtures().join("tiny-sd21")
 }
 
+/// The tiny 9-channel inpainting model (its other components link to tiny-sd21's).
+pub fn tiny_inpainting_model() -> PathBuf {
+    fixtures().join("tiny-sd21-inpainting")
+}
+
 /// A reference file written by scripts/make_fixtures.py.
 pub fn reference(name: &str) -> PathBuf {
     fixtures().join("reference").join(name)
