@@ -26,8 +26,10 @@ pub struct ImageParameters {
     pub width: usize,
     pub height: usize,
     pub model: String,
-    /// img2img's strength (A1111's `Denoising strength`); `None` for txt2img.
+    /// img2img's and inpainting's strength (A1111's `Denoising strength`); `None` for txt2img.
     pub denoising_strength: Option<f64>,
+    /// Inpainting: A1111's `Mask blur` (0: the mask is binarised, never blurred).
+    pub mask_blur: Option<u32>,
 }
 
 impl ImageParameters {
@@ -50,6 +52,9 @@ impl ImageParameters {
         ));
         if let Some(strength) = self.denoising_strength {
             text.push_str(&format!(", Denoising strength: {strength}"));
+        }
+        if let Some(blur) = self.mask_blur {
+            text.push_str(&format!(", Mask blur: {blur}"));
         }
         text
     }
@@ -169,6 +174,7 @@ mod tests {
     fn params(prompt: &str) -> ImageParameters {
         ImageParameters {
             denoising_strength: None,
+            mask_blur: None,
             prompt: prompt.into(),
             negative_prompt: "blurry".into(),
             steps: 30,

@@ -351,7 +351,7 @@ fn run_and_save(
         request,
         &images,
         pipeline.model_name(),
-        start.strength(),
+        &start,
     )
 }
 
@@ -463,11 +463,11 @@ fn save_images(
     request: &GenerationRequest,
     images: &[GeneratedImage],
     model: &str,
-    denoising_strength: Option<f64>,
+    start: &Start,
 ) -> Result<()> {
     for (i, generated) in images.iter().enumerate() {
         let path = output_path(output, i, images.len());
-        let parameters = response::parameters(request, model, generated.seed, denoising_strength);
+        let parameters = response::parameters(request, model, generated.seed, start);
         save_png(&path, &generated.image, Some(&parameters))
             .with_context(|| format!("writing {}", path.display()))?;
         println!("{} (seed {})", path.display(), generated.seed);

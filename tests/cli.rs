@@ -366,7 +366,10 @@ fn inpaint_from_pngs_equals_diffusers() {
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert!(result.status.success(), "{expected_file}: {stderr}");
         let (_, _, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
-        assert!(text.contains("Denoising strength: 1"), "{text}");
+        assert!(
+            text.contains("Denoising strength: 1, Mask blur: 0"),
+            "{text}"
+        );
         let expected = FixtureImages::open(expected_file).image("ddim_strength1.0");
         let max = max_pixel_diff(&pixels, &expected.pixels);
         assert!(

@@ -585,6 +585,7 @@ fn img2img_route_equals_diffusers_and_refuses_bad_images_by_field() {
         let (w, h, pixels, text) = decode_png(&reply.body);
         assert_eq!((w, h), (72, 56));
         assert!(text.contains("Denoising strength: 0.75"), "{text}");
+        assert!(!text.contains("Mask blur"), "{text}");
         let max = common::max_pixel_diff(&pixels, &expected.pixels);
         assert!(max <= 2, "max |diff| {max}/255 against diffusers");
     }
@@ -779,7 +780,10 @@ fn inpaint_route_equals_diffusers() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let (w, h, pixels, text) = decode_png(&reply.body);
     assert_eq!((w, h), (72, 56));
-    assert!(text.contains("Denoising strength: 1"), "{text}");
+    assert!(
+        text.contains("Denoising strength: 1, Mask blur: 0"),
+        "{text}"
+    );
     let expected = fixture.image("ddim_strength1.0");
     let max = common::max_pixel_diff(&pixels, &expected.pixels);
     assert!(max <= 2, "max |diff| {max}/255 against diffusers");

@@ -287,6 +287,7 @@ impl Api {
         model.check_start(&start)?;
         let request = validated.request;
         let strength = start.strength();
+        let encode_start = start.clone();
         let ticket = self
             .engine
             .submit_from(request.clone(), start, client_gone)?;
@@ -298,7 +299,13 @@ impl Api {
         let encode_request = request.clone();
         let encode_model = model_name.clone();
         let encoded = tokio::task::spawn_blocking(move || {
-            response::encode(format, &encode_request, &encode_model, strength, &images)
+            response::encode(
+                format,
+                &encode_request,
+                &encode_model,
+                &encode_start,
+                &images,
+            )
         })
         .await
         .map_err(|e| ApiError::Internal(format!("encoding task: {e}")))?

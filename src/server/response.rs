@@ -4,7 +4,7 @@
 use base64::Engine as _;
 
 use crate::image_io::{encode_png, ImageParameters, RgbImage};
-use crate::pipeline::{GeneratedImage, GenerationRequest};
+use crate::pipeline::{GeneratedImage, GenerationRequest, Start};
 use crate::{Error, Result};
 
 /// What the client asked for.
@@ -68,12 +68,13 @@ pub enum Encoded {
     Json(Vec<String>),
 }
 
-/// The A1111 `parameters` of one image of `request` (with img2img's strength, when there is one).
+/// The A1111 `parameters` of one image of `request` run from `start` (its strength and, for
+/// inpainting, the mask's blur).
 pub fn parameters(
     request: &GenerationRequest,
     model: &str,
     seed: u64,
-    denoising_strength: Option<f64>,
+    start: &Start,
 ) -> ImageParameters {
     ImageParameters {
         prompt: request.prompt.clone(),
@@ -85,7 +86,8 @@ pub fn parameters(
         width: request.width,
         height: request.height,
         model: model.to_string(),
-        denoising_strength,
+        denoising_strength: start.strength(),
+        mask_blur: matches!(start, Start::Masked { .. }).then_some(0),
     }
 }
 
@@ -95,11 +97,11 @@ pub fn encode(
     format: Format,
     request: &GenerationRequest,
     model: &str,
-    denoising_strength: Option<f64>,
+    start: &Start,
     images: &[GeneratedImage],
 ) -> Result<Encoded> {
     let png = |image: &RgbImage, seed: u64| {
-        let parameters = parameters(request, model, seed, denoising_strength);
+        let parameters = parameters(request, model, seed, start);
         encode_png(image, Some(&parameters))
     };
     match (format, images) {
