@@ -37,14 +37,25 @@ pub struct GenerationRequest {
 }
 
 /// Progress reported after every denoising step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress<'a> {
     /// Index of the image being generated.
     pub image: usize,
     /// Steps done for this image (1-based).
     pub step: usize,
     /// Model evaluations per image (PNDM does one more than `steps`, as in diffusers).
     pub steps_per_image: usize,
+    /// The image's latents after this step (for previews).
+    pub latents: Latents<'a>,
+}
+
+/// One image's latents, NCHW `[1, channels, height, width]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Latents<'a> {
+    pub data: &'a [f32],
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
 }
 
 /// One generated image and the seed that made it.
@@ -305,7 +316,7 @@ impl<B: Backend> Pipeline<B> {
     pub fn generate(
         &self,
         request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         self.check_request(request, Pipelines::Txt2Img)?;
         self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
@@ -334,7 +345,7 @@ impl<B: Backend> Pipeline<B> {
         request: &GenerationRequest,
         init: &RgbImage,
         strength: f64,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         self.check_request(request, Pipelines::Img2Img)?;
         let encoder = self.encoder("img2img")?;
@@ -380,7 +391,7 @@ impl<B: Backend> Pipeline<B> {
         image: &RgbImage,
         mask: &RgbImage,
         strength: f64,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         self.check_request(request, Pipelines::Inpaint)?;
         let encoder = self.encoder("inpainting")?;
@@ -512,7 +523,7 @@ impl<B: Backend> Pipeline<B> {
     fn each_image(
         &self,
         request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
         image: &mut ImageLoop<'_, B>,
     ) -> Result<Vec<GeneratedImage>> {
         let guidance = request.cfg_scale > 1.0;
@@ -520,11 +531,18 @@ impl<B: Backend> Pipeline<B> {
         (0..request.number_of_images)
             .map(|i| {
                 let seed = request.seed.wrapping_add(i as u64);
-                let mut progress = |step, total| {
+                let (channels, height, width) = self.latent_shape(request);
+                let mut progress = |step, total, data: &[f32]| {
                     on_step(Progress {
                         image: i,
                         step,
                         steps_per_image: total,
+                        latents: Latents {
+                            data,
+                            channels,
+                            height,
+                            width,
+                        },
                     })
                 };
                 let latents = image(seed, &context, guidance, &mut progress)?;
@@ -557,14 +575,14 @@ impl<B: Backend> Pipeline<B> {
 
     /// The sampling loop for one image from `start`: one guided UNet evaluation and one
     /// scheduler step per remaining timestep. Returns the final NCHW latents; `on_step(done,
-    /// total)` counts the steps run here.
+    /// total, latents)` counts the steps run here.
     fn denoise(
         &self,
         request: &GenerationRequest,
         context: &B::Tensor,
         guidance: bool,
         start: DenoiseStart,
-        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        on_step: &mut dyn FnMut(usize, usize, &[f32]) -> bool,
     ) -> Result<HostTensor> {
         let DenoiseStart {
             mut scheduler,
@@ -610,7 +628,7 @@ impl<B: Backend> Pipeline<B> {
             if let Masking::Blend(keep) = &masking {
                 keep.blend(scheduler.as_ref(), &mut latents, i)?;
             }
-            if !on_step(i + 1 - first_step, total) {
+            if !on_step(i + 1 - first_step, total, &latents) {
                 return Err(Error::Cancelled);
             }
         }
@@ -741,7 +759,7 @@ type ImageLoop<'a, B> = dyn FnMut(
         u64,
         &<B as Backend>::Tensor,
         bool,
-        &mut dyn FnMut(usize, usize) -> bool,
+        &mut dyn FnMut(usize, usize, &[f32]) -> bool,
     ) -> Result<HostTensor>
     + 'a;
 
@@ -871,7 +889,7 @@ impl Start {
         &self,
         generator: &dyn ImageGenerator,
         request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         match self {
             Start::Noise => generator.generate(request, on_step),
@@ -942,7 +960,7 @@ pub trait ImageGenerator: Send {
     fn generate(
         &self,
         request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>>;
     /// See [`Pipeline::img2img`].
     fn img2img(
@@ -950,7 +968,7 @@ pub trait ImageGenerator: Send {
         request: &GenerationRequest,
         init: &RgbImage,
         strength: f64,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>>;
     /// See [`Pipeline::inpaint`].
     fn inpaint(
@@ -959,7 +977,7 @@ pub trait ImageGenerator: Send {
         image: &RgbImage,
         mask: &RgbImage,
         strength: f64,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>>;
     /// The model's native `(width, height)`.
     fn native_size(&self) -> (usize, usize);
@@ -979,7 +997,7 @@ impl<B: Backend> ImageGenerator for Pipeline<B> {
     fn generate(
         &self,
         request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         Pipeline::generate(self, request, on_step)
     }
@@ -988,7 +1006,7 @@ impl<B: Backend> ImageGenerator for Pipeline<B> {
         request: &GenerationRequest,
         init: &RgbImage,
         strength: f64,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         Pipeline::img2img(self, request, init, strength, on_step)
     }
@@ -998,7 +1016,7 @@ impl<B: Backend> ImageGenerator for Pipeline<B> {
         image: &RgbImage,
         mask: &RgbImage,
         strength: f64,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         Pipeline::inpaint(self, request, image, mask, strength, on_step)
     }

@@ -8,7 +8,7 @@ use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::{contract, Compute};
 use crate::engine::ModelLoader;
 use crate::image_io::RgbImage;
-use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Progress};
+use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Latents, Progress};
 use crate::sampling::SchedulerKind;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
@@ -49,7 +49,7 @@ impl ImageGenerator for FakeGenerator {
     fn generate(
         &self,
         request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         let slow = match request.prompt.as_str() {
             "panic" => panic!("boom"),
@@ -62,6 +62,7 @@ impl ImageGenerator for FakeGenerator {
             _ => false,
         };
         let steps = if slow { usize::MAX } else { request.steps };
+        let latents = [0.5f32, -0.5, 0.25, 0.0];
         for step in 1..=steps {
             if slow {
                 std::thread::sleep(Duration::from_millis(2));
@@ -70,6 +71,12 @@ impl ImageGenerator for FakeGenerator {
                 image: 0,
                 step,
                 steps_per_image: steps,
+                latents: Latents {
+                    data: &latents,
+                    channels: 4,
+                    height: 1,
+                    width: 1,
+                },
             };
             if !on_step(progress) {
                 return Err(Error::Cancelled);
@@ -95,7 +102,7 @@ impl ImageGenerator for FakeGenerator {
         request: &GenerationRequest,
         _init: &RgbImage,
         _strength: f64,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         self.generate(request, on_step)
     }
@@ -107,7 +114,7 @@ impl ImageGenerator for FakeGenerator {
         _image: &RgbImage,
         _mask: &RgbImage,
         _strength: f64,
-        on_step: &mut dyn FnMut(Progress) -> bool,
+        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
         self.generate(request, on_step)
     }
