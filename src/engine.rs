@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::error::Fault;
 use crate::image_io::RgbImage;
-use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Start};
+use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Progress, Start};
 use crate::request::ValidationError;
 use crate::sampling::SchedulerKind;
 use crate::Error;
@@ -207,8 +207,9 @@ type JobResult = std::result::Result<JobOutput, JobError>;
 pub struct Ticket {
     cancel: Arc<AtomicBool>,
     reply: Option<oneshot::Receiver<JobResult>>,
-    deadline: Instant,
-    timeout: Duration,
+    /// When the job must be answered by, and the timeout it came from.
+    deadline: Option<(Instant, Duration)>,
+    sequence: u64,
 }
 
 impl Ticket {
@@ -217,14 +218,44 @@ impl Ticket {
         let Some(reply) = self.reply.take() else {
             return Err(JobError::EngineStopped);
         };
+        let Some((deadline, timeout)) = self.deadline else {
+            return reply.await.unwrap_or(Err(JobError::EngineStopped));
+        };
         // The worker enforces the deadline between steps; this also covers one very long step.
-        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let deadline = tokio::time::Instant::from_std(deadline);
         match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(JobError::EngineStopped),
-            Err(_) => Err(JobError::DeadlineExceeded(self.timeout)),
+            Err(_) => Err(JobError::DeadlineExceeded(timeout)),
         }
     }
+
+    /// The job's number in this engine (for [`Engine::queue_position`] and [`Engine::cancel`]).
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+}
+
+/// Told what happens to a job, on the worker thread (keep it short: the queue may be locked).
+pub trait JobObserver: Send + Sync {
+    /// `ahead` jobs now wait before this one (0: it runs next).
+    fn queued(&self, ahead: usize);
+    /// The worker took the job.
+    fn started(&self);
+    /// A denoising step finished.
+    fn step(&self, progress: &Progress<'_>);
+}
+
+/// How a job is admitted besides its request.
+#[derive(Default)]
+pub struct Admission {
+    /// Raised by the caller when nobody wants the answer any more (the client went away).
+    pub client_gone: Option<Arc<AtomicBool>>,
+    /// Told about the job's queue position and progress.
+    pub observer: Option<Arc<dyn JobObserver>>,
+    /// Without a deadline: a job that runs until done or cancelled ([`Engine::cancel`]), for
+    /// the asynchronous jobs API; with one, the engine's request timeout applies.
+    pub no_deadline: bool,
 }
 
 impl Drop for Ticket {
@@ -235,14 +266,16 @@ impl Drop for Ticket {
 }
 
 struct Job {
+    sequence: u64,
     request: GenerationRequest,
     start: Start,
+    observer: Option<Arc<dyn JobObserver>>,
     /// Raised when the ticket is dropped.
     cancel: Arc<AtomicBool>,
     /// Raised by the caller's own signal (e.g. the client's connection closed).
     client_gone: Option<Arc<AtomicBool>>,
     enqueued: Instant,
-    deadline: Instant,
+    deadline: Option<Instant>,
     reply: oneshot::Sender<JobResult>,
 }
 
@@ -261,6 +294,19 @@ impl Job {
 struct Queue {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// The next job's [`Ticket::sequence`].
+    next_sequence: u64,
+}
+
+impl Queue {
+    /// Tells every waiting job's observer its position.
+    fn tell_positions(&self) {
+        for (ahead, job) in self.jobs.iter().enumerate() {
+            if let Some(observer) = &job.observer {
+                observer.queued(ahead);
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -272,6 +318,8 @@ struct Shared {
     abort: AtomicBool,
     model: OnceLock<ModelInfo>,
     metrics: EngineMetrics,
+    /// The running job's sequence number and cancel flag.
+    running: Mutex<Option<(u64, Arc<AtomicBool>)>>,
 }
 
 impl Shared {
@@ -303,6 +351,7 @@ impl Engine {
             abort: AtomicBool::new(false),
             model: OnceLock::new(),
             metrics,
+            running: Mutex::new(None),
         });
         let (started_tx, started_rx) = oneshot::channel();
         let worker_shared = shared.clone();
@@ -335,6 +384,21 @@ impl Engine {
         start: Start,
         client_gone: Option<Arc<AtomicBool>>,
     ) -> Result<Ticket, SubmitError> {
+        let admission = Admission {
+            client_gone,
+            ..Admission::default()
+        };
+        self.admit(request, start, admission)
+    }
+
+    /// Admits a job starting from `start` as `admission` says, or refuses it at once. The job is
+    /// cancelled when its ticket is dropped.
+    pub fn admit(
+        &self,
+        request: GenerationRequest,
+        start: Start,
+        admission: Admission,
+    ) -> Result<Ticket, SubmitError> {
         if !self.is_ready() {
             return Err(SubmitError::NotReady);
         }
@@ -362,14 +426,21 @@ impl Engine {
         let (reply_tx, reply_rx) = oneshot::channel();
         let now = Instant::now();
         let timeout = self.shared.config.request_timeout;
-        let deadline = now + timeout;
+        let deadline = (!admission.no_deadline).then_some((now + timeout, timeout));
+        let sequence = queue.next_sequence;
+        queue.next_sequence += 1;
+        if let Some(observer) = &admission.observer {
+            observer.queued(queue.jobs.len());
+        }
         queue.jobs.push_back(Job {
+            sequence,
             request,
             start,
+            observer: admission.observer,
             cancel: cancel.clone(),
-            client_gone,
+            client_gone: admission.client_gone,
             enqueued: now,
-            deadline,
+            deadline: deadline.map(|(at, _)| at),
             reply: reply_tx,
         });
         self.shared.metrics.queue_depth.set(queue.jobs.len() as i64);
@@ -379,8 +450,59 @@ impl Engine {
             cancel,
             reply: Some(reply_rx),
             deadline,
-            timeout,
+            sequence,
         })
+    }
+
+    /// How many jobs wait before job `sequence`; `None` when it is not waiting (running or
+    /// finished).
+    pub fn queue_position(&self, sequence: u64) -> Option<usize> {
+        self.shared
+            .lock()
+            .jobs
+            .iter()
+            .position(|job| job.sequence == sequence)
+    }
+
+    /// Cancels job `sequence`: a waiting job leaves the queue at once (its ticket answers
+    /// [`JobError::Cancelled`] and the jobs behind it move up); a running one stops at its next
+    /// step. False when the engine no longer knows it.
+    pub fn cancel(&self, sequence: u64) -> bool {
+        let mut queue = self.shared.lock();
+        let Some(index) = queue.jobs.iter().position(|job| job.sequence == sequence) else {
+            drop(queue);
+            return self.cancel_running(sequence);
+        };
+        let Some(job) = queue.jobs.remove(index) else {
+            return false;
+        };
+        self.shared.metrics.queue_depth.set(queue.jobs.len() as i64);
+        queue.tell_positions();
+        drop(queue);
+        job.cancel.store(true, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .jobs
+            .with_label_values(&[JobError::Cancelled.outcome()])
+            .inc();
+        let _ = job.reply.send(Err(JobError::Cancelled));
+        true
+    }
+
+    /// Raises the cancel flag of the running job when it is `sequence`.
+    fn cancel_running(&self, sequence: u64) -> bool {
+        let running = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match running.as_ref() {
+            Some((running_sequence, cancel)) if *running_sequence == sequence => {
+                cancel.store(true, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// True once the model is loaded and the warm-up generation succeeded.
@@ -556,6 +678,11 @@ fn next_job(shared: &Shared) -> Option<Job> {
     loop {
         if let Some(job) = queue.jobs.pop_front() {
             shared.metrics.queue_depth.set(queue.jobs.len() as i64);
+            queue.tell_positions();
+            *shared
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some((job.sequence, job.cancel.clone()));
             return Some(job);
         }
         if queue.closed {
@@ -573,7 +700,7 @@ fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
     let queued = started.duration_since(job.enqueued);
     let stop_reason = |now: Instant| -> Option<JobError> {
         // The deadline first: a ticket that timed out also sets the cancel flag.
-        if now >= job.deadline {
+        if job.deadline.is_some_and(|deadline| now >= deadline) {
             Some(JobError::DeadlineExceeded(shared.config.request_timeout))
         } else if shared.abort.load(Ordering::Relaxed) {
             Some(JobError::ShuttingDown)
@@ -589,8 +716,14 @@ fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
         shared.metrics.jobs_running.set(1);
         let metrics = &shared.metrics;
         let mut last_step: Option<Instant> = None;
+        if let Some(observer) = &job.observer {
+            observer.started();
+        }
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             job.start.run(generator, &job.request, &mut |progress| {
+                if let Some(observer) = &job.observer {
+                    observer.step(&progress);
+                }
                 let now = Instant::now();
                 // Step 1 of each image also holds prompt encoding or the previous decode.
                 if let (true, Some(last)) = (progress.step > 1, last_step) {
@@ -634,6 +767,10 @@ fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
         ),
         Err(e) => tracing::warn!(outcome, error = %e, "job failed"),
     }
+    *shared
+        .running
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = None;
     // The receiver is gone when the client went away; nothing to tell then.
     let _ = job.reply.send(result);
 }
