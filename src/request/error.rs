@@ -68,6 +68,10 @@ pub enum ValidationError {
     StrengthOutOfRange { value: f64 },
     #[error("strength {strength} of {steps} steps leaves no step to run (strength × steps < 1)")]
     NoStepLeft { strength: f64, steps: usize },
+    #[error("unknown kind \"{value}\" (valid: txt2img, img2img, inpaint)")]
+    UnknownKind { value: String },
+    #[error("preview_every must be between 0 and {max} (--max-steps), got {value}")]
+    PreviewEveryOutOfRange { max: usize, value: i128 },
     #[error(
         "{model} is an inpainting model (its UNet also takes a mask and the masked image), so it \
          cannot run {pipeline}, as in diffusers; use /inpaint/ (sd21 inpaint) or another model"
@@ -98,6 +102,8 @@ impl ValidationError {
             ValidationError::UnknownScheduler { .. }
             | ValidationError::NoDefaultScheduler { .. } => "scheduler",
             ValidationError::InvalidImage { field, .. } => field,
+            ValidationError::UnknownKind { .. } => "kind",
+            ValidationError::PreviewEveryOutOfRange { .. } => "preview_every",
             ValidationError::StrengthOutOfRange { .. } | ValidationError::NoStepLeft { .. } => {
                 "strength"
             }

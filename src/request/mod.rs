@@ -6,7 +6,7 @@
 //! is an integer, messages name the field and the value), `schema.rs` (the OpenAPI side: the
 //! running server's limits reach the schema through [`schema::with_context`]) and one file per
 //! body: `generate.rs` (`POST /generate/` and `sd21 generate`), `img2img.rs` (`POST /img2img/`), `inpaint.rs`
-//! (`POST /inpaint/`).
+//! (`POST /inpaint/`), `job.rs` (`POST /jobs`: any of them, by `kind`).
 //!
 //! Adding a body: a rules type built from [`Limits`] (and the model), whose `parse` reads the
 //! fields with `json.rs` and whose `schema` lists the same bounds, plus `impl RequestSchema`.
@@ -15,6 +15,7 @@ mod error;
 pub mod generate;
 pub mod img2img;
 pub mod inpaint;
+pub mod job;
 mod json;
 mod limits;
 pub mod schema;

@@ -18,13 +18,13 @@ use super::connection::Connections;
 use super::error::{ApiError, ErrorBody};
 use super::metrics::{Metrics, CLIENT_CLOSED};
 use super::response::{self, Encoded};
-use crate::engine::{Engine, ModelInfo, SubmitError};
-use crate::pipeline::Start;
+use crate::engine::{Engine, SubmitError};
+use crate::pipeline::Pipelines;
 use crate::request::generate::GenerateRequest;
-use crate::request::img2img::{Img2ImgRequest, Img2ImgRules};
-use crate::request::inpaint::{InpaintRequest, InpaintRules};
-use crate::request::{GenerateRules, Limits, Validated, ValidationError};
-use serde_json::Value;
+use crate::request::img2img::Img2ImgRequest;
+use crate::request::inpaint::InpaintRequest;
+use crate::request::job::parse_generation;
+use crate::request::Limits;
 
 /// The routes and what they share.
 #[derive(Clone)]
@@ -137,12 +137,8 @@ impl Api {
         remote: &RemoteAddr,
         body: JsonBody<GenerateRequest>,
     ) -> Result<Generated, ApiError> {
-        let limits = self.limits;
-        let parse = move |body: Value, model: &ModelInfo| {
-            let rules = GenerateRules::new(limits, model.latent_factor);
-            Ok((rules.parse(body, model, random_seed)?, Start::Noise))
-        };
-        self.answer(headers, remote, body.bytes(), parse).await
+        self.answer(headers, remote, body.bytes(), Pipelines::Txt2Img)
+            .await
     }
 
     /// Generate images from an image and a prompt (img2img)
@@ -157,17 +153,8 @@ impl Api {
         remote: &RemoteAddr,
         body: JsonBody<Img2ImgRequest>,
     ) -> Result<Generated, ApiError> {
-        let limits = self.limits;
-        let parse = move |body: Value, model: &ModelInfo| {
-            let rules = Img2ImgRules::new(limits, model.latent_factor);
-            let v = rules.parse(body, model, random_seed)?;
-            let start = Start::Image {
-                init: Arc::new(v.init),
-                strength: v.strength,
-            };
-            Ok((v.generation, start))
-        };
-        self.answer(headers, remote, body.bytes(), parse).await
+        self.answer(headers, remote, body.bytes(), Pipelines::Img2Img)
+            .await
     }
 
     /// Repaint the masked part of an image from a prompt (inpainting)
@@ -183,18 +170,8 @@ impl Api {
         remote: &RemoteAddr,
         body: JsonBody<InpaintRequest>,
     ) -> Result<Generated, ApiError> {
-        let limits = self.limits;
-        let parse = move |body: Value, model: &ModelInfo| {
-            let rules = InpaintRules::new(limits, model.latent_factor);
-            let v = rules.parse(body, model, random_seed)?;
-            let start = Start::Masked {
-                image: Arc::new(v.image),
-                mask: Arc::new(v.mask),
-                strength: v.strength,
-            };
-            Ok((v.generation, start))
-        };
-        self.answer(headers, remote, body.bytes(), parse).await
+        self.answer(headers, remote, body.bytes(), Pipelines::Inpaint)
+            .await
     }
 
     /// Liveness: the process serves HTTP
@@ -234,10 +211,6 @@ fn random_seed() -> u64 {
     u64::from(rand::random::<u32>())
 }
 
-/// A route's body, parsed by its request type into the generation and where it starts.
-type ParseBody =
-    dyn FnOnce(Value, &ModelInfo) -> Result<(Validated, Start), ValidationError> + Send;
-
 impl Api {
     /// One generation route: counted in the request metrics (499 when the client went away).
     async fn answer(
@@ -245,14 +218,12 @@ impl Api {
         headers: &HeaderMap,
         remote: &RemoteAddr,
         body: Result<Vec<u8>, ApiError>,
-        parse: impl FnOnce(Value, &ModelInfo) -> Result<(Validated, Start), ValidationError>
-            + Send
-            + 'static,
+        pipeline: Pipelines,
     ) -> Result<Generated, ApiError> {
         let record = self.metrics.start_request();
         let client_gone = self.connections.client_gone(remote);
         let result = self
-            .generate_images(headers, client_gone.clone(), body, Box::new(parse))
+            .generate_images(headers, client_gone.clone(), body, pipeline)
             .await;
         let gone = client_gone.is_some_and(|g| g.load(std::sync::atomic::Ordering::Relaxed));
         match &result {
@@ -271,7 +242,7 @@ impl Api {
         headers: &HeaderMap,
         client_gone: Option<Arc<std::sync::atomic::AtomicBool>>,
         body: Result<Vec<u8>, ApiError>,
-        parse: Box<ParseBody>,
+        pipeline: Pipelines,
     ) -> Result<Generated, ApiError> {
         let started = Instant::now();
         let accept = headers
@@ -283,7 +254,14 @@ impl Api {
         let body = body?;
         let model = self.engine.model().ok_or(SubmitError::NotReady)?;
         let model_name = model.name.clone();
-        let (validated, start) = parse(parse_json(&body)?, model)?;
+        let (validated, start) = parse_generation(
+            pipeline,
+            parse_json(&body)?,
+            model,
+            self.limits,
+            model.latent_factor,
+            random_seed,
+        )?;
         model.check_start(&start)?;
         let request = validated.request;
         let strength = start.strength();
