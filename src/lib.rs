@@ -9,6 +9,7 @@ pub mod error;
 pub mod image_io;
 pub mod model;
 pub mod pipeline;
+pub mod preview;
 pub mod random;
 pub mod request;
 pub mod sampling;
