@@ -203,6 +203,12 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "SD21_SHUTDOWN_TIMEOUT", default_value_t = 60)]
     shutdown_timeout: u64,
+    /// Seconds a finished job's results stay (POST /jobs); jobs live in memory only.
+    #[arg(long, env = "SD21_JOB_TTL", default_value_t = 600)]
+    job_ttl: u64,
+    /// Bytes the finished jobs' images, previews and events may take; the oldest go first.
+    #[arg(long, env = "SD21_MAX_STORED_BYTES", default_value_t = 512 << 20)]
+    max_stored_bytes: u64,
 }
 
 fn main() -> Result<()> {
@@ -263,6 +269,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         api_key: args.api_key,
         cors_origin: args.cors_origin,
+        jobs: sd21::server::jobs::store::StoreLimits {
+            ttl: Duration::from_secs(args.job_ttl),
+            max_stored_bytes: usize::try_from(args.max_stored_bytes)
+                .context("--max-stored-bytes is too large")?,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

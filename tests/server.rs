@@ -1503,3 +1503,262 @@ mod failing_model {
         assert!(result.is_ok(), "{result:?}");
     }
 }
+
+/// One Server-Sent Event as the jobs API sends it.
+#[derive(Debug)]
+struct Sse {
+    id: u64,
+    event: String,
+    data: Value,
+}
+
+/// `GET /jobs/{id}/events` (after `last_event_id`) read to its end: the stream closes after the
+/// job's final event.
+fn job_events(addr: SocketAddr, id: &str, last_event_id: Option<u64>) -> Vec<Sse> {
+    let resume = last_event_id.map(|n| n.to_string());
+    let mut headers = vec![("Accept", "text/event-stream")];
+    if let Some(n) = &resume {
+        headers.push(("Last-Event-ID", n.as_str()));
+    }
+    let reply = get(addr, &format!("/jobs/{id}/events"), &headers);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/event-stream")));
+    reply
+        .text()
+        .split("\n\n")
+        .filter(|block| block.contains("data:"))
+        .map(|block| {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            Sse {
+                id: field("id:").parse().unwrap_or(0),
+                event: field("event:"),
+                data: serde_json::from_str(&field("data:")).unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn create_job(addr: SocketAddr, body: &Value) -> Reply {
+    send(
+        addr,
+        "POST",
+        "/jobs",
+        &[("Content-Type", "application/json")],
+        Some(body.to_string().as_bytes()),
+    )
+}
+
+/// `POST /jobs` → 202; the events come in order (queued, steps with previews, done) with ids
+/// 1, 2, …, and `Last-Event-ID` resumes after one; the results equal the synchronous route's;
+/// bad bodies are 422 naming the field, unknown ids 404.
+#[test]
+fn a_job_reports_its_progress_over_sse_and_ends_with_the_sync_routes_images() {
+    let server = Server::start(&[]);
+    let body = json!({
+        "prompt": "a red boat", "width": 32, "height": 32, "steps": 4, "seed": 11,
+        "scheduler": "euler_a", "number_of_images": 2,
+    });
+    let mut job_body = body.clone();
+    job_body["preview_every"] = json!(2);
+    let reply = create_job(server.addr, &job_body);
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let created = reply.json();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "128 bits in hex");
+    assert_eq!(created["status_url"], format!("/jobs/{id}"));
+    assert_eq!(created["events_url"], format!("/jobs/{id}/events"));
+
+    let events = job_events(server.addr, &id, None);
+    let ids: Vec<u64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids, (1..=events.len() as u64).collect::<Vec<_>>());
+    assert_eq!(events[0].event, "queued");
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.event.as_str(), &last.data["status"]),
+        ("done", &json!("done"))
+    );
+    for e in &events {
+        assert_eq!(e.data["type"], e.event.as_str(), "{:?}", e.data);
+        assert_eq!(e.data["event_id"], e.id);
+    }
+    let steps: Vec<(u64, u64)> = events
+        .iter()
+        .filter(|e| e.event == "step")
+        .map(|e| {
+            let p = &e.data["progress"];
+            (p["image"].as_u64().unwrap(), p["step"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (0, 1),
+            (0, 2),
+            (0, 3),
+            (0, 4),
+            (1, 1),
+            (1, 2),
+            (1, 3),
+            (1, 4)
+        ]
+    );
+    let previews: Vec<&Sse> = events.iter().filter(|e| e.event == "preview").collect();
+    assert_eq!(previews.len(), 4, "steps 2 and 4 of both images");
+    for p in &previews {
+        let url = p.data["preview"].as_str().unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(url.strip_prefix("data:image/png;base64,").unwrap())
+            .unwrap();
+        assert_eq!(decode_png(&png).0, 4, "latent size: 32 / 8");
+    }
+    let resumed = job_events(server.addr, &id, Some(5));
+    assert_eq!(
+        resumed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        (6..=events.len() as u64).collect::<Vec<_>>()
+    );
+
+    let status = get(server.addr, &format!("/jobs/{id}"), &[]).json();
+    assert_eq!(status["status"], "done");
+    assert_eq!(status["seeds"], json!([11, 12]));
+    let sync = generate(server.addr, Some("application/json"), &body).json();
+    for i in 0..2 {
+        let url = format!("/jobs/{id}/images/{i}.png");
+        assert_eq!(status["images"][i], url.as_str());
+        let image = get(server.addr, &url, &[]);
+        assert_eq!(image.status, 200);
+        assert_eq!(image.header("content-type"), Some("image/png"));
+        let (_, _, pixels, text) = decode_png(&image.body);
+        assert!(text.contains(&format!("Seed: {}", 11 + i)), "{text}");
+        let expected = base64_png(&sync["images"][i]);
+        assert_eq!(
+            pixels,
+            decode_png(&expected).2,
+            "image {i} equals /generate/'s"
+        );
+    }
+    assert_eq!(
+        get(server.addr, &format!("/jobs/{id}/images/2.png"), &[]).status,
+        404
+    );
+
+    let fixture = common::FixtureImages::open("inpaint.safetensors");
+    let image = base64::engine::general_purpose::STANDARD.encode(fixture.png("image"));
+    let img2img = json!({"kind": "img2img", "prompt": "a", "steps": 2, "init_image": image});
+    let reply = create_job(server.addr, &img2img);
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    let last = job_events(server.addr, &id, None).pop().unwrap();
+    assert_eq!(last.event, "done", "{:?}", last.data);
+    let bad = [
+        (json!({"kind": "img2img", "prompt": "a"}), "init_image"),
+        (json!({"kind": "upscale", "prompt": "a"}), "kind"),
+        (json!({"prompt": "a", "steps": 0}), "steps"),
+        (json!({"prompt": "a", "preview_every": -1}), "preview_every"),
+    ];
+    for (body, field) in bad {
+        let reply = create_job(server.addr, &body);
+        assert_eq!(reply.status, 422, "{body}: {}", reply.text());
+        assert_eq!(reply.json()["field"], field);
+    }
+    for path in ["/jobs/0123", "/jobs/0123/events", "/jobs/0123/images/0.png"] {
+        assert_eq!(get(server.addr, path, &[]).status, 404, "{path}");
+    }
+    assert_eq!(
+        send(server.addr, "DELETE", "/jobs/0123", &[], None).status,
+        404
+    );
+}
+
+/// `DELETE /jobs/{id}`: a queued job is cancelled at once (it leaves the queue), a running one
+/// at its next step; both streams end with `cancelled`; a finished job answers 409.
+#[test]
+fn jobs_are_cancelled_while_queued_and_while_running() {
+    let server = Server::start(&[]);
+    let long = json!({"prompt": "a", "width": 64, "height": 64, "steps": 150,
+                      "number_of_images": 8, "scheduler": "ddim"});
+    let id_of = |reply: Reply| {
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        reply.json()["id"].as_str().unwrap().to_string()
+    };
+    let running = id_of(create_job(server.addr, &long));
+    let queued = id_of(create_job(server.addr, &long));
+    let status = |id: &str| get(server.addr, &format!("/jobs/{id}"), &[]).json();
+    server.wait_until("the first job's first step", |_| {
+        status(&running)["progress"]["step"].as_u64() >= Some(1)
+    });
+    let waiting = status(&queued);
+    assert_eq!(waiting["status"], "queued");
+    assert_eq!(waiting["queue_position"], 0);
+
+    let reply = send(server.addr, "DELETE", &format!("/jobs/{queued}"), &[], None);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "cancelled");
+    let events = job_events(server.addr, &queued, None);
+    assert_eq!(events.last().unwrap().event, "cancelled");
+    assert!(events.iter().all(|e| e.event != "step"), "it never ran");
+
+    let reply = send(
+        server.addr,
+        "DELETE",
+        &format!("/jobs/{running}"),
+        &[],
+        None,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let events = job_events(server.addr, &running, None);
+    assert_eq!(events.last().unwrap().event, "cancelled");
+    assert!(events.iter().any(|e| e.event == "step"), "it had started");
+    // The engine is free again: a small job runs to the end.
+    let small = id_of(create_job(
+        server.addr,
+        &json!({"prompt": "a", "steps": 1, "width": 32, "height": 32}),
+    ));
+    assert_eq!(
+        job_events(server.addr, &small, None).last().unwrap().event,
+        "done"
+    );
+    let reply = send(server.addr, "DELETE", &format!("/jobs/{small}"), &[], None);
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    assert!(server.metric("sd21_jobs_total{outcome=\"cancelled\"}") >= 2.0);
+}
+
+/// `--job-ttl`: a finished job is gone after it; `--max-stored-bytes`: the oldest finished job
+/// goes when the next one's results do not fit.
+#[test]
+fn finished_jobs_expire_and_the_oldest_are_evicted() {
+    let run = |server: &Server| {
+        let body = json!({"prompt": "a", "steps": 1, "width": 32, "height": 32});
+        let reply = create_job(server.addr, &body);
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        let id = reply.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            job_events(server.addr, &id, None).last().unwrap().event,
+            "done"
+        );
+        id
+    };
+    let server = Server::start(&["--job-ttl", "1"]);
+    let id = run(&server);
+    assert_eq!(get(server.addr, &format!("/jobs/{id}"), &[]).status, 200);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(get(server.addr, &format!("/jobs/{id}"), &[]).status, 404);
+    drop(server);
+
+    // One finished 32² job holds ~3 KB (a PNG and a few events): 5 KB keeps one.
+    let server = Server::start(&["--max-stored-bytes", "5000"]);
+    let first = run(&server);
+    let second = run(&server);
+    assert_eq!(get(server.addr, &format!("/jobs/{first}"), &[]).status, 404);
+    assert_eq!(
+        get(server.addr, &format!("/jobs/{second}"), &[]).status,
+        200
+    );
+}

@@ -39,6 +39,10 @@ pub enum ApiError {
     Rejected(#[from] SubmitError),
     #[error(transparent)]
     Job(#[from] JobError),
+    #[error("no job {id}: unknown, or its results expired (--job-ttl, --max-stored-bytes)")]
+    JobNotFound { id: String },
+    #[error("job {id} already finished ({status}); nothing to cancel")]
+    JobFinished { id: String, status: &'static str },
     #[error("internal error: {0}")]
     Internal(String),
     /// An error the HTTP framework produced (no such route, method not allowed, …).
@@ -55,6 +59,8 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::JobNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::JobFinished { .. } => StatusCode::CONFLICT,
             ApiError::NotAcceptable { .. } => StatusCode::NOT_ACCEPTABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -156,6 +162,8 @@ impl ApiResponse for ApiError {
             responses: vec![
                 error(400, "Malformed JSON or an unreadable body.", false),
                 error(401, "Missing or wrong API key (when the server has one).", false),
+                error(404, "Jobs routes: no such job (unknown, or its results expired).", false),
+                error(409, "DELETE /jobs/{id}: the job already finished.", false),
                 error(406, "The Accept header allows neither image/png nor application/json.", false),
                 error(413, "The body is larger than 64 KiB.", false),
                 error(415, "The Content-Type is not application/json.", false),

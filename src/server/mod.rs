@@ -11,6 +11,7 @@ pub mod api;
 pub mod body;
 pub mod connection;
 pub mod error;
+pub mod jobs;
 pub mod metrics;
 pub mod response;
 
@@ -33,6 +34,8 @@ use crate::request::Limits;
 use api::{Api, Documented};
 use connection::{Connections, WatchedAcceptor};
 use error::ApiError;
+use jobs::store::{JobStore, StoreLimits};
+use jobs::JobsApi;
 use metrics::Metrics;
 
 /// Everything `sd21 serve` is configured with (besides the model).
@@ -53,6 +56,8 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// When set, CORS headers allow this origin; otherwise no CORS headers at all.
     pub cors_origin: Option<String>,
+    /// How long and how much finished jobs are kept (`POST /jobs`).
+    pub jobs: StoreLimits,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -66,6 +71,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .field("cors_origin", &self.cors_origin)
+            .field("jobs", &self.jobs)
             .finish()
     }
 }
@@ -81,6 +87,10 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(60),
             api_key: None,
             cors_origin: None,
+            jobs: StoreLimits {
+                ttl: Duration::from_secs(600),
+                max_stored_bytes: 512 << 20,
+            },
         }
     }
 }
@@ -213,6 +223,11 @@ fn app(
     metrics: Arc<Metrics>,
     connections: Connections,
 ) -> impl Endpoint {
+    let jobs = JobsApi {
+        engine: engine.clone(),
+        limits: config.limits,
+        store: JobStore::new(config.jobs),
+    };
     let api = Api {
         engine: engine.clone(),
         metrics,
@@ -226,7 +241,7 @@ fn app(
         limits,
         latent_factor: engine.model().map_or(8, |m| m.latent_factor),
     };
-    let documented = Arc::new(openapi_service(api.clone()));
+    let documented = Arc::new(openapi_service(api.clone(), jobs.clone()));
     let (docs_context, docs_service) = (spec_context.clone(), documented.clone());
     let docs = poem::endpoint::make_sync(move |_| {
         Html(schema::with_context(docs_context(), || {
@@ -240,7 +255,7 @@ fn app(
     });
 
     let routes = Route::new()
-        .nest("/", openapi_service(api))
+        .nest("/", openapi_service(api, jobs))
         .at("/openapi.json", spec_json)
         .at("/docs", docs);
     let mut app = routes
@@ -270,7 +285,7 @@ fn app(
             .with(
                 Cors::new()
                     .allow_origin(origin.as_str())
-                    .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                    .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
                     .allow_headers([header::CONTENT_TYPE, header::ACCEPT, header::AUTHORIZATION])
                     .expose_headers([
                         header::HeaderName::from_static("x-seeds"),
@@ -286,8 +301,8 @@ fn app(
 }
 
 /// The routes of `api`, documented.
-fn openapi_service(api: Api) -> OpenApiService<Documented, ()> {
-    OpenApiService::new(Documented(api), "sd21", env!("CARGO_PKG_VERSION")).description(
+fn openapi_service(api: Api, jobs: JobsApi) -> OpenApiService<(Documented, JobsApi), ()> {
+    OpenApiService::new((Documented(api), jobs), "sd21", env!("CARGO_PKG_VERSION")).description(
         "Stable Diffusion 2.1 text-to-image, compatible with the original FastAPI server's \
          POST /generate/.",
     )
