@@ -2,6 +2,7 @@
 //! fixture model's, so `sd21-bench pipeline --random` can build any of them with no download.
 
 use anyhow::{bail, Result};
+use sd21::demo::{SD21_BASE_SCHEDULER, TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE};
 use sd21::pipeline::ModelConfigs;
 
 const SD21_UNET: &str = r#"{"act_fn":"silu","attention_head_dim":[5,10,20,20],"block_out_channels":[320,640,1280,1280],
@@ -20,25 +21,9 @@ const SD21_TEXT_ENCODER: &str = r#"{"architectures":["CLIPTextModel"],"hidden_ac
 "intermediate_size":4096,"layer_norm_eps":1e-05,"max_position_embeddings":77,"num_attention_heads":16,
 "num_hidden_layers":23,"projection_dim":512,"vocab_size":49408}"#;
 
-const SD21_BASE_SCHEDULER: &str = r#"{"_class_name":"PNDMScheduler","beta_end":0.012,"beta_schedule":"scaled_linear",
-"beta_start":0.00085,"clip_sample":false,"num_train_timesteps":1000,"prediction_type":"epsilon","set_alpha_to_one":false,
-"skip_prk_steps":true,"steps_offset":1,"trained_betas":null}"#;
-
 const SD21_768_SCHEDULER: &str = r#"{"_class_name":"DDIMScheduler","beta_end":0.012,"beta_schedule":"scaled_linear",
 "beta_start":0.00085,"clip_sample":false,"num_train_timesteps":1000,"prediction_type":"v_prediction","set_alpha_to_one":false,
 "skip_prk_steps":true,"steps_offset":1,"trained_betas":null}"#;
-
-const TINY_UNET: &str = r#"{"attention_head_dim":[2,4,4,4],"block_out_channels":[16,32,32,32],"cross_attention_dim":32,
-"down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],"in_channels":4,
-"layers_per_block":2,"norm_num_groups":8,"out_channels":4,"sample_size":8,"up_block_types":["UpBlock2D","CrossAttnUpBlock2D",
-"CrossAttnUpBlock2D","CrossAttnUpBlock2D"],"use_linear_projection":true,"upcast_attention":true}"#;
-
-const TINY_VAE: &str = r#"{"block_out_channels":[16,32,32,32],"down_block_types":["DownEncoderBlock2D","DownEncoderBlock2D",
-"DownEncoderBlock2D","DownEncoderBlock2D"],"in_channels":3,"latent_channels":4,"layers_per_block":2,"norm_num_groups":8,
-"out_channels":3,"up_block_types":["UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D"]}"#;
-
-const TINY_TEXT_ENCODER: &str = r#"{"hidden_act":"gelu","hidden_size":32,"intermediate_size":64,"num_attention_heads":4,
-"num_hidden_layers":3,"vocab_size":49408}"#;
 
 /// A model the bench can build with random weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

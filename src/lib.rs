@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod env;
 pub mod error;

@@ -14,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::CudaBackend;
 use sd21::backend::{selftest, Device};
+use sd21::demo::{load_demo, DEMO_MODEL};
 use sd21::engine::ModelInfo;
 use sd21::image_io::{load_image, resize, save_png, RgbImage};
 use sd21::pipeline::{
@@ -156,6 +157,7 @@ struct GenerateArgs {
 struct ServeArgs {
     /// A diffusers-layout model folder, or a Hub repository (org/name, sd21, sd21-base,
     /// sd2-inpaint) fetched into --weights-dir when missing; resolved and loaded once, at start-up.
+    /// `demo`: a tiny random-weight model built in memory (no download; its images are noise).
     #[arg(long, env = "SD21_MODEL", default_value = "sd21-base")]
     model: String,
     /// Revision of a Hub repository given as --model.
@@ -248,14 +250,18 @@ fn selftest(args: SelftestArgs) -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let model_dir = resolve_model(&args.model, &args.revision, &args.weights_dir)?;
-    let files = ModelFiles::locate(&model_dir)?;
     let device = args.device;
     // The engine thread loads the model, so /health answers while it loads.
-    let load: sd21::engine::ModelLoader = Box::new(move || {
-        tracing::info!(model = %model_dir.display(), %device, "loading the model");
-        load_on_device(&files, device)
-    });
+    let load: sd21::engine::ModelLoader = if args.model == DEMO_MODEL {
+        Box::new(move || load_demo(device))
+    } else {
+        let model_dir = resolve_model(&args.model, &args.revision, &args.weights_dir)?;
+        let files = ModelFiles::locate(&model_dir)?;
+        Box::new(move || {
+            tracing::info!(model = %model_dir.display(), %device, "loading the model");
+            load_on_device(&files, device)
+        })
+    };
     let config = ServerConfig {
         host: args.host,
         port: args.port,
