@@ -174,6 +174,12 @@ impl Api {
             .await
     }
 
+    /// The web page: one file built into the binary, driving the jobs API
+    #[oai(path = "/", method = "get", hidden)]
+    async fn page(&self) -> poem_openapi::payload::Html<&'static str> {
+        poem_openapi::payload::Html(PAGE)
+    }
+
     /// Liveness: the process serves HTTP
     #[oai(path = "/health", method = "get")]
     async fn health(&self) -> Json<Health> {
@@ -205,6 +211,9 @@ impl Api {
         PlainText(self.metrics.render())
     }
 }
+
+/// The web page (`GET /`).
+const PAGE: &str = include_str!("page/index.html");
 
 /// A random seed for requests that ask for one (-1 or none).
 fn random_seed() -> u64 {
