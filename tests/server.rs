@@ -1762,3 +1762,26 @@ fn finished_jobs_expire_and_the_oldest_are_evicted() {
         200
     );
 }
+
+/// `--model demo`: no files, no download; the page, /ready and a job work, and the model says
+/// its images are noise.
+#[test]
+fn the_demo_model_serves_the_page_and_the_api_offline() {
+    let server = Server::start_model(std::path::Path::new("demo"), &[]);
+    let ready = get(server.addr, "/ready", &[]).json();
+    assert!(
+        ready["model"].as_str().unwrap().contains("noise"),
+        "{ready}"
+    );
+    let page = get(server.addr, "/", &[]);
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("<title>sd21</title>"));
+    let reply = create_job(server.addr, &json!({"prompt": "a", "steps": 2}));
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        job_events(server.addr, &id, None).last().unwrap().event,
+        "done"
+    );
+    assert!(server.log().contains("its images are noise"));
+}
