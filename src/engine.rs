@@ -87,6 +87,8 @@ pub struct EngineMetrics {
     pub jobs_running: IntGauge,
     /// `sd21_step_duration_seconds`: one denoising step (UNet with guidance + scheduler).
     pub step_seconds: Histogram,
+    /// `sd21_queue_wait_seconds`: time a job waited before the worker took it.
+    pub queue_wait_seconds: Histogram,
     /// `sd21_jobs_total{outcome}`: finished jobs by outcome (ok, cancelled, deadline, …).
     pub jobs: IntCounterVec,
     /// `sd21_vae_f32_decodes_total`: images whose device VAE decode overflowed and was redone in
@@ -109,6 +111,15 @@ impl EngineMetrics {
                     30.0,
                 ]),
             )?,
+            queue_wait_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "sd21_queue_wait_seconds",
+                    "Time a generation job waited in the queue before it started",
+                )
+                .buckets(vec![
+                    0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                ]),
+            )?,
             jobs: IntCounterVec::new(
                 Opts::new("sd21_jobs_total", "Finished generation jobs by outcome"),
                 &["outcome"],
@@ -124,6 +135,7 @@ impl EngineMetrics {
         registry.register(Box::new(self.queue_depth.clone()))?;
         registry.register(Box::new(self.jobs_running.clone()))?;
         registry.register(Box::new(self.step_seconds.clone()))?;
+        registry.register(Box::new(self.queue_wait_seconds.clone()))?;
         registry.register(Box::new(self.jobs.clone()))?;
         registry.register(Box::new(self.vae_f32_decodes.clone()))
     }
@@ -698,6 +710,10 @@ fn next_job(shared: &Shared) -> Option<Job> {
 fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
     let started = Instant::now();
     let queued = started.duration_since(job.enqueued);
+    shared
+        .metrics
+        .queue_wait_seconds
+        .observe(queued.as_secs_f64());
     let stop_reason = |now: Instant| -> Option<JobError> {
         // The deadline first: a ticket that timed out also sets the cancel flag.
         if job.deadline.is_some_and(|deadline| now >= deadline) {

@@ -1728,6 +1728,8 @@ fn jobs_are_cancelled_while_queued_and_while_running() {
     let reply = send(server.addr, "DELETE", &format!("/jobs/{small}"), &[], None);
     assert_eq!(reply.status, 409, "{}", reply.text());
     assert!(server.metric("sd21_jobs_total{outcome=\"cancelled\"}") >= 2.0);
+    // The job cancelled while queued never started: two waits were measured.
+    assert_eq!(server.metric("sd21_queue_wait_seconds_count"), 2.0);
 }
 
 /// `--job-ttl`: a finished job is gone after it; `--max-stored-bytes`: the oldest finished job

@@ -138,6 +138,7 @@ mod tests {
             "sd21_queue_depth 0",
             "sd21_request_duration_seconds_count 2",
             "sd21_step_duration_seconds_count 1",
+            "sd21_queue_wait_seconds_count 0",
             "sd21_images_total 2",
             "sd21_jobs_total{outcome=\"ok\"} 1",
             "sd21_ready 0",
