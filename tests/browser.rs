@@ -115,10 +115,18 @@ async fn wait_text(page: &Client, id: &str, ok: impl Fn(&str) -> bool) -> String
     }
 }
 
-async fn set(page: &Client, id: &str, value: &str) {
-    let input = page.find(Locator::Id(id)).await.expect("input");
-    input.clear().await.expect("clear");
-    input.send_keys(value).await.expect("type");
+/// Types each `(id, value)` into its input, replacing what was there.
+async fn fill(page: &Client, fields: &[(&str, &str)]) {
+    for (id, value) in fields {
+        let input = page.find(Locator::Id(id)).await.expect("input");
+        input.clear().await.expect("clear");
+        input.send_keys(value).await.expect("type");
+    }
+}
+
+async fn click(page: &Client, id: &str) {
+    let button = page.find(Locator::Id(id)).await.expect("button");
+    button.click().await.expect("click");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,21 +146,15 @@ async fn the_page_generates_shows_progress_and_cancels_in_chromium() {
     wait_text(&page, "model", |t| t.contains("tiny-sd21")).await;
 
     // Generate: the progress moves, the image lands in the gallery.
-    set(&page, "prompt", "a red boat").await;
-    for (id, value) in [
+    let first = [
+        ("prompt", "a red boat"),
         ("steps", "3"),
         ("width", "32"),
         ("height", "32"),
         ("seed", "5"),
-    ] {
-        set(&page, id, value).await;
-    }
-    page.find(Locator::Id("generate"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    ];
+    fill(&page, &first).await;
+    click(&page, "generate").await;
     let status = wait_text(&page, "status", |t| {
         t.starts_with("Done") || t.starts_with("Error")
     })
@@ -163,19 +165,9 @@ async fn the_page_generates_shows_progress_and_cancels_in_chromium() {
         .await
         .unwrap();
     assert_eq!(progress, json!(1));
-    let size = page
-        .execute(
-            "const img = document.querySelector('#gallery img');
-             return img && img.complete ? [img.naturalWidth, img.naturalHeight] : null;",
-            vec![],
-        )
-        .await
-        .unwrap();
     let end = Instant::now() + Duration::from_secs(30);
-    let mut size = size;
-    while size.is_null() && Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        size = page
+    let size = loop {
+        let size = page
             .execute(
                 "const img = document.querySelector('#gallery img');
                  return img && img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight] : null;",
@@ -183,7 +175,11 @@ async fn the_page_generates_shows_progress_and_cancels_in_chromium() {
             )
             .await
             .unwrap();
-    }
+        if !size.is_null() || Instant::now() >= end {
+            break size;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         size,
         json!([32, 32]),
@@ -203,27 +199,16 @@ async fn the_page_generates_shows_progress_and_cancels_in_chromium() {
     }
 
     // A long job: progress shows, Cancel stops it.
-    for (id, value) in [
+    let long = [
         ("steps", "150"),
         ("width", "64"),
         ("height", "64"),
         ("number_of_images", "8"),
-    ] {
-        set(&page, id, value).await;
-    }
-    page.find(Locator::Id("generate"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    ];
+    fill(&page, &long).await;
+    click(&page, "generate").await;
     wait_text(&page, "status", |t| t.starts_with("Image")).await;
-    page.find(Locator::Id("cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&page, "cancel").await;
     let status = wait_text(&page, "status", |t| {
         t == "Cancelled." || t.starts_with("Done")
     })
