@@ -9,10 +9,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use sd21::backend::Backend;
-use sd21::pipeline::{ComponentSources, GenerationRequest, ModelConfigs, Pipeline};
+use sd21::demo::random_model;
+use sd21::pipeline::{GenerationRequest, Pipeline};
 use sd21::tensor::HostTensor;
-use sd21::tokenizer::ClipTokenizer;
-use sd21::weights::{ModelFiles, RandomWeights};
+use sd21::weights::ModelFiles;
 
 use crate::device::BenchDevice;
 use crate::models::RandomModel;
@@ -87,18 +87,9 @@ fn load<B: Backend>(backend: B, opts: &PipelineOpts) -> Result<Pipeline<B>> {
         (Some(dir), None) => Pipeline::load(&ModelFiles::locate(dir)?, backend)?,
         (None, Some(name)) => {
             let model = RandomModel::parse(name)?;
-            let configs: ModelConfigs = model.configs()?;
-            let weights = RandomWeights::new(0);
-            let sources = ComponentSources {
-                text_encoder: &weights,
-                unet: &weights,
-                vae: &weights,
-            };
-            Pipeline::build(
+            random_model(
                 backend,
-                ClipTokenizer::embedded()?,
-                configs,
-                sources,
+                model.configs()?,
                 format!("random {}", model.name()),
             )?
         }

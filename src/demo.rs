@@ -48,21 +48,25 @@ pub fn tiny_configs() -> Result<ModelConfigs> {
     })
 }
 
-/// The tiny model with random weights (seed 0) on `backend`, named `name`.
-pub fn random_tiny<B: Backend>(backend: B, name: String) -> Result<Pipeline<B>> {
+/// A model of these configs with random weights (seed 0) on `backend`, named `name` (the
+/// demo's, and the bench's `--random` models).
+pub fn random_model<B: Backend>(
+    backend: B,
+    configs: ModelConfigs,
+    name: String,
+) -> Result<Pipeline<B>> {
     let weights = RandomWeights::new(0);
     let sources = ComponentSources {
         text_encoder: &weights,
         unet: &weights,
         vae: &weights,
     };
-    Pipeline::build(
-        backend,
-        ClipTokenizer::embedded()?,
-        tiny_configs()?,
-        sources,
-        name,
-    )
+    Pipeline::build(backend, ClipTokenizer::embedded()?, configs, sources, name)
+}
+
+/// The tiny model with random weights on `backend`, named `name`.
+pub fn random_tiny<B: Backend>(backend: B, name: String) -> Result<Pipeline<B>> {
+    random_model(backend, tiny_configs()?, name)
 }
 
 /// The demo model on the backend [`Device::open`] starts for `device`.
