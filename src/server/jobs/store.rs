@@ -135,7 +135,6 @@ struct Record {
     /// The engine's number for it (to cancel it).
     sequence: u64,
     status: JobStatus,
-    created: Instant,
     started: Option<Instant>,
     finished: Option<Instant>,
     queue_position: Option<usize>,
@@ -151,10 +150,6 @@ struct Record {
 
 impl Record {
     fn snapshot(&self, id: &str, now: Instant) -> Snapshot {
-        let elapsed = self
-            .finished
-            .unwrap_or(now)
-            .duration_since(self.started.unwrap_or(self.created));
         Snapshot {
             id: id.to_string(),
             kind: self.kind,
@@ -163,11 +158,9 @@ impl Record {
                 .queue_position
                 .filter(|_| self.status == JobStatus::Queued),
             progress: self.progress,
-            elapsed: if self.started.is_some() {
-                elapsed
-            } else {
-                Duration::ZERO
-            },
+            elapsed: self.started.map_or(Duration::ZERO, |started| {
+                self.finished.unwrap_or(now).duration_since(started)
+            }),
             eta: self.eta(now),
             seeds: self.seeds.clone(),
             error: self.error.clone(),
@@ -246,7 +239,6 @@ impl JobStore {
             preview_every: job.preview_every,
             sequence: u64::MAX,
             status: JobStatus::Queued,
-            created: Instant::now(),
             started: None,
             finished: None,
             queue_position: None,
