@@ -8,14 +8,18 @@ use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::{contract, Compute};
 use crate::engine::ModelLoader;
 use crate::image_io::RgbImage;
-use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Latents, Progress};
+use crate::pipeline::{
+    BatchRow, BatchStep, GeneratedImage, GenerationRequest, ImageGenerator, Latents, PreparedJob,
+    Progress, Start, StepRow,
+};
 use crate::sampling::SchedulerKind;
 use crate::tensor::HostTensor;
 use crate::{Error, Result};
 
-/// A stand-in model whose prompt selects what it does: "panic" panics, "oom" fails as a device
-/// out of memory does, "slow" steps every 2 ms until cancelled; anything else is a grey image per
-/// requested image after `steps` steps (image i with seed + i).
+/// A stand-in model whose prompt selects what it does: "panic" panics (in a batch), "oom" fails
+/// as a device out of memory does (when prepared), "slow" steps every 2 ms until cancelled;
+/// anything else is a grey image per requested image after `steps` steps (image i with seed +
+/// i). Rows of a batch step together until each is done or dropped.
 #[derive(Debug, Clone, Copy)]
 pub struct FakeGenerator {
     scheduler: SchedulerKind,
@@ -45,78 +49,88 @@ impl FakeGenerator {
     }
 }
 
+/// The fake's latents (what a preview shows).
+const FAKE_LATENTS: [f32; 4] = [0.5, -0.5, 0.25, 0.0];
+
 impl ImageGenerator for FakeGenerator {
-    fn generate(
+    fn prepare(&self, request: &GenerationRequest, start: &Start) -> Result<PreparedJob> {
+        if request.prompt == "oom" {
+            return Err(Error::Backend(
+                "CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
+            ));
+        }
+        Ok(PreparedJob::bare(request, start))
+    }
+
+    fn run_batch(
         &self,
-        request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>> {
-        let slow = match request.prompt.as_str() {
-            "panic" => panic!("boom"),
-            "oom" => {
-                return Err(Error::Backend(
-                    "CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
-                ))
-            }
-            "slow" => true,
-            _ => false,
-        };
-        let steps = if slow { usize::MAX } else { request.steps };
-        let latents = [0.5f32, -0.5, 0.25, 0.0];
-        for step in 1..=steps {
-            if slow {
+        rows: &[BatchRow<'_>],
+        on_step: &mut BatchStep<'_>,
+    ) -> Result<Vec<Result<GeneratedImage>>> {
+        let slow = |row: &BatchRow<'_>| row.job.request().prompt == "slow";
+        if rows.iter().any(|row| row.job.request().prompt == "panic") {
+            panic!("boom");
+        }
+        let mut live: Vec<usize> = (0..rows.len()).collect();
+        let mut dropped = Vec::new();
+        let mut step = 0;
+        while !live.is_empty() {
+            step += 1;
+            live.retain(|&r| slow(&rows[r]) || step <= rows[r].job.request().steps);
+            if live.iter().any(|&r| slow(&rows[r])) {
                 std::thread::sleep(Duration::from_millis(2));
             }
-            let progress = Progress {
-                image: 0,
-                step,
-                steps_per_image: steps,
-                latents: Latents {
-                    data: &latents,
-                    channels: 4,
-                    height: 1,
-                    width: 1,
-                },
-            };
-            if !on_step(progress) {
-                return Err(Error::Cancelled);
+            let mut steps: Vec<StepRow<'_>> = live
+                .iter()
+                .map(|&r| StepRow {
+                    row: r,
+                    progress: Progress {
+                        image: rows[r].image,
+                        step,
+                        steps_per_image: if slow(&rows[r]) {
+                            usize::MAX
+                        } else {
+                            rows[r].job.request().steps
+                        },
+                        images_at_once: live
+                            .iter()
+                            .filter(|&&o| std::ptr::eq(rows[o].job, rows[r].job))
+                            .count(),
+                        latents: Latents {
+                            data: &FAKE_LATENTS,
+                            channels: 4,
+                            height: 1,
+                            width: 1,
+                        },
+                    },
+                    keep: true,
+                })
+                .collect();
+            on_step(&mut steps);
+            for s in steps.iter().filter(|s| !s.keep) {
+                dropped.push(s.row);
             }
+            live.retain(|r| !dropped.contains(r));
         }
-        let grey = |seed| GeneratedImage {
-            seed,
-            image: RgbImage {
-                width: request.width,
-                height: request.height,
-                pixels: vec![128; request.width * request.height * 3],
-            },
-            decoded_in_f32: false,
-        };
-        Ok((0..request.number_of_images as u64)
-            .map(|i| grey(request.seed + i))
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                if dropped.contains(&r) {
+                    return Err(Error::Cancelled);
+                }
+                let request = row.job.request();
+                Ok(GeneratedImage {
+                    seed: request.seed.wrapping_add(row.image as u64),
+                    image: RgbImage {
+                        width: request.width,
+                        height: request.height,
+                        pixels: vec![128; request.width * request.height * 3],
+                    },
+                    decoded_in_f32: false,
+                })
+            })
             .collect())
-    }
-
-    /// As `generate` (the init image and strength are not looked at).
-    fn img2img(
-        &self,
-        request: &GenerationRequest,
-        _init: &RgbImage,
-        _strength: f64,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>> {
-        self.generate(request, on_step)
-    }
-
-    /// As `generate` (the images and strength are not looked at).
-    fn inpaint(
-        &self,
-        request: &GenerationRequest,
-        _image: &RgbImage,
-        _mask: &RgbImage,
-        _strength: f64,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>> {
-        self.generate(request, on_step)
     }
 
     fn native_size(&self) -> (usize, usize) {

@@ -83,9 +83,11 @@ pub struct StepProgress {
     pub step: usize,
     /// Steps per image.
     pub steps: usize,
-    /// Index of the current image.
+    /// Index of the current image (the first, when several run in one batch).
     pub image: usize,
     pub images: usize,
+    /// Images of the job taking these steps together (one batch).
+    pub images_at_once: usize,
 }
 
 /// A job as `GET /jobs/{id}` shows it at one moment.
@@ -168,14 +170,15 @@ impl Record {
         }
     }
 
-    /// Remaining steps × the mean time of the steps done so far.
+    /// Remaining image-steps × the mean time per image-step so far (images before the current
+    /// ones are done; the current ones run together).
     fn eta(&self, now: Instant) -> Option<Duration> {
         if self.status != JobStatus::Running {
             return None;
         }
         let (started, p) = (self.started?, self.progress?);
         let total = p.steps * p.images;
-        let done = p.image * p.steps + p.step;
+        let done = p.image * p.steps + p.step * p.images_at_once.max(1);
         if done == 0 {
             return None;
         }
@@ -419,6 +422,7 @@ impl JobObserver for Watch {
                 steps: progress.steps_per_image,
                 image: progress.image,
                 images: r.request.number_of_images,
+                images_at_once: progress.images_at_once,
             });
             r.push(&self.id, EventKind::Step, None, now);
             let due = r
@@ -483,6 +487,7 @@ mod tests {
             image: 0,
             step,
             steps_per_image: 2,
+            images_at_once: 1,
             latents: Latents {
                 data: &data,
                 channels: 4,

@@ -2,6 +2,8 @@
 //! decode → pixels. Latents stay on the host in NCHW order between steps, so the noise drawn for
 //! them is exactly what diffusers draws with the same seed.
 
+mod batch;
+
 use std::sync::{Arc, OnceLock};
 
 use crate::backend::cpu::CpuBackend;
@@ -13,11 +15,13 @@ use crate::image_io::RgbImage;
 use crate::model::{ClipTextModel, Unet, VaeDecoder, VaeEncoder};
 use crate::request::ValidationError;
 use crate::sampling::rng::TorchGenerator;
-use crate::sampling::{build_scheduler, img2img_first_step, Scheduler, SchedulerKind};
+use crate::sampling::{build_scheduler, Scheduler, SchedulerKind};
 use crate::tensor::HostTensor;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{ModelFiles, SafeTensorsFile, TensorSource, WeightScope};
 use crate::{Error, Result};
+
+pub use batch::{BatchKey, BatchRow, BatchStep, PreparedJob, StepRow};
 
 /// Everything one generation needs besides the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +49,8 @@ pub struct Progress<'a> {
     pub step: usize,
     /// Model evaluations per image (PNDM does one more than `steps`, as in diffusers).
     pub steps_per_image: usize,
+    /// Images of this job that took this step together (in one batch), `image` the first.
+    pub images_at_once: usize,
     /// The image's latents after this step (for previews).
     pub latents: Latents<'a>,
 }
@@ -311,34 +317,19 @@ impl<B: Backend> Pipeline<B> {
         self.text_encoder.forward(&self.backend, &rows)
     }
 
-    /// Generates `request.number_of_images` images; `on_step` is called after every denoising
-    /// step and returning `false` cancels the job (`Error::Cancelled`).
+    /// Generates `request.number_of_images` images, one after another; `on_step` is called
+    /// after every denoising step and returning `false` cancels the job (`Error::Cancelled`).
     pub fn generate(
         &self,
         request: &GenerationRequest,
         on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
-        self.check_request(request, Pipelines::Txt2Img)?;
-        self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
-            let mut rng = TorchGenerator::new(seed);
-            let scheduler = self.scheduler(request)?;
-            let (c, h, w) = self.latent_shape(request);
-            let sigma = scheduler.init_noise_sigma();
-            let latents = rng.randn(c * h * w).into_iter().map(|x| x * sigma); // [1, C, h, w]
-            let start = DenoiseStart {
-                scheduler,
-                latents: latents.collect(),
-                first_step: 0,
-                rng,
-                masking: Masking::None,
-            };
-            self.denoise(request, context, guidance, start, on_step)
-        })
+        Start::Noise.run(self, request, on_step)
     }
 
     /// img2img as diffusers' `StableDiffusionImg2ImgPipeline`: `init` (the request's size) is
     /// encoded and its posterior sampled, scaled, noised to the step where `strength` starts the
-    /// schedule ([`img2img_first_step`]), and denoised from there. The generator of image i
+    /// schedule ([`crate::sampling::img2img_first_step`]), and denoised from there. The generator of image i
     /// (seed + i) draws the posterior sample, then the noise, then any per-step noise.
     pub fn img2img(
         &self,
@@ -347,34 +338,11 @@ impl<B: Backend> Pipeline<B> {
         strength: f64,
         on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
-        self.check_request(request, Pipelines::Img2Img)?;
-        let encoder = self.encoder("img2img")?;
-        if (init.width, init.height) != (request.width, request.height) {
-            return Err(Error::InvalidRequest(format!(
-                "the init image is {}×{}, the request {}×{} (resizing is not supported yet)",
-                init.width, init.height, request.width, request.height
-            )));
-        }
-        let first_step = img2img_first_step(request.steps, strength)?;
-        let b = &self.backend;
-        let image = b.upload(&pixels_to_unit_range(init)?)?; // [1, H, W, 3] in [-1, 1]
-        let posterior = encoder.posterior(b, &image)?; // [1, C, h, w] each
-        let scale = self.vae.config().scaling_factor;
-        self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
-            let mut rng = TorchGenerator::new(seed);
-            let scheduler = self.scheduler(request)?;
-            let sample = posterior.sample(&mut rng); // [1, C, h, w]
-            let init_latents: Vec<f32> = sample.data.iter().map(|x| scale * x).collect();
-            let noise = rng.randn(init_latents.len());
-            let start = DenoiseStart {
-                latents: scheduler.add_noise(&init_latents, &noise, first_step)?,
-                scheduler,
-                first_step,
-                rng,
-                masking: Masking::None,
-            };
-            self.denoise(request, context, guidance, start, on_step)
-        })
+        let start = Start::Image {
+            init: Arc::new(init.clone()),
+            strength,
+        };
+        start.run(self, request, on_step)
     }
 
     /// Inpainting as diffusers' `StableDiffusionInpaintPipeline`: `mask` white (≥ 0.5 after
@@ -393,79 +361,12 @@ impl<B: Backend> Pipeline<B> {
         strength: f64,
         on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
-        self.check_request(request, Pipelines::Inpaint)?;
-        let encoder = self.encoder("inpainting")?;
-        let size = (request.width, request.height);
-        if (image.width, image.height) != size || (mask.width, mask.height) != size {
-            return Err(Error::InvalidRequest(format!(
-                "the image is {}×{} and the mask {}×{}, the request {}×{} (resizing is not \
-                 supported here yet)",
-                image.width, image.height, mask.width, mask.height, size.0, size.1
-            )));
-        }
-        let first_step = img2img_first_step(request.steps, strength)?;
-        // diffusers' is_strength_max: the start is pure noise (a step count can round a strength
-        // just below 1 to first_step 0 too; diffusers noises the image then).
-        let from_noise = strength >= 1.0;
-        let conditioned = self.is_inpainting_model();
-        let binary = binarize_mask(mask); // [H, W] in {0, 1}
-        let b = &self.backend;
-        let init = pixels_to_unit_range(image)?; // [1, H, W, 3]
-        let image_posterior = if conditioned && from_noise {
-            None
-        } else {
-            Some(encoder.posterior(b, &b.upload(&init)?)?) // [1, C, h, w] each
+        let start = Start::Masked {
+            image: Arc::new(image.clone()),
+            mask: Arc::new(mask.clone()),
+            strength,
         };
-        let masked_posterior = if conditioned {
-            let masked = masked_image(&init, &binary)?; // [1, H, W, 3]
-            Some(encoder.posterior(b, &b.upload(&masked)?)?)
-        } else {
-            None
-        };
-        let latent_mask = self.latent_mask(request, &binary); // [h, w]
-        let scale = self.vae.config().scaling_factor;
-        let scaled =
-            |sample: HostTensor| -> Vec<f32> { sample.data.iter().map(|x| scale * x).collect() };
-        self.each_image(request, on_step, &mut |seed, context, guidance, on_step| {
-            let mut rng = TorchGenerator::new(seed);
-            let scheduler = self.scheduler(request)?;
-            let (c, h, w) = self.latent_shape(request);
-            let image_latents = image_posterior.as_ref().map(|p| scaled(p.sample(&mut rng))); // [1, C, h, w]
-            let noise = rng.randn(c * h * w);
-            let masked_image_latents = match &masked_posterior {
-                Some(p) => scaled(p.sample(&mut rng)),
-                // a 4-channel model never reads them: only the generator's draws matter.
-                None => rng.randn(c * h * w),
-            };
-            let latents = match &image_latents {
-                Some(image_latents) if !from_noise => {
-                    scheduler.add_noise(image_latents, &noise, first_step)?
-                }
-                _ => {
-                    let sigma = scheduler.init_noise_sigma();
-                    noise.iter().map(|x| x * sigma).collect()
-                }
-            };
-            let masking = match image_latents {
-                Some(image_latents) if !conditioned => Masking::Blend(KeptLatents {
-                    image_latents,
-                    noise,
-                    mask: latent_mask.clone(),
-                }),
-                _ => Masking::Condition(MaskCondition {
-                    mask: latent_mask.clone(),
-                    masked_image_latents,
-                }),
-            };
-            let start = DenoiseStart {
-                scheduler,
-                latents,
-                first_step,
-                rng,
-                masking,
-            };
-            self.denoise(request, context, guidance, start, on_step)
-        })
+        start.run(self, request, on_step)
     }
 
     /// Whether this is an inpainting model ([`config::is_inpainting_model`]).
@@ -518,44 +419,6 @@ impl<B: Backend> Pipeline<B> {
         Ok(())
     }
 
-    /// Encodes the prompts once, then runs `image(seed, context, guidance, on_step)` for each
-    /// image (seed + i) and decodes its latents.
-    fn each_image(
-        &self,
-        request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-        image: &mut ImageLoop<'_, B>,
-    ) -> Result<Vec<GeneratedImage>> {
-        let guidance = request.cfg_scale > 1.0;
-        let context = self.encode_prompts(&request.prompt, &request.negative_prompt, guidance)?;
-        (0..request.number_of_images)
-            .map(|i| {
-                let seed = request.seed.wrapping_add(i as u64);
-                let (channels, height, width) = self.latent_shape(request);
-                let mut progress = |step, total, data: &[f32]| {
-                    on_step(Progress {
-                        image: i,
-                        step,
-                        steps_per_image: total,
-                        latents: Latents {
-                            data,
-                            channels,
-                            height,
-                            width,
-                        },
-                    })
-                };
-                let latents = image(seed, &context, guidance, &mut progress)?;
-                let (image, decoded_in_f32) = self.decode_checked(&latents)?;
-                Ok(GeneratedImage {
-                    seed,
-                    image,
-                    decoded_in_f32,
-                })
-            })
-            .collect()
-    }
-
     /// The request's scheduler, after `set_timesteps(steps)` (epsilon when the config names no
     /// prediction type).
     fn scheduler(&self, request: &GenerationRequest) -> Result<Box<dyn Scheduler>> {
@@ -571,68 +434,6 @@ impl<B: Backend> Pipeline<B> {
         let f = self.latent_factor();
         let c = self.vae.config().latent_channels;
         (c, request.height / f, request.width / f)
-    }
-
-    /// The sampling loop for one image from `start`: one guided UNet evaluation and one
-    /// scheduler step per remaining timestep. Returns the final NCHW latents; `on_step(done,
-    /// total, latents)` counts the steps run here.
-    fn denoise(
-        &self,
-        request: &GenerationRequest,
-        context: &B::Tensor,
-        guidance: bool,
-        start: DenoiseStart,
-        on_step: &mut dyn FnMut(usize, usize, &[f32]) -> bool,
-    ) -> Result<HostTensor> {
-        let DenoiseStart {
-            mut scheduler,
-            mut latents,
-            first_step,
-            mut rng,
-            masking,
-        } = start;
-        let b = &self.backend;
-        let (c, h, w) = self.latent_shape(request);
-        let rows = if guidance { 2 } else { 1 };
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len().saturating_sub(first_step);
-        for (i, &t) in timesteps.iter().enumerate().skip(first_step) {
-            let mut input = latents.repeat(rows); // [rows, C, h, w]
-            scheduler.scale_model_input(&mut input, i);
-            if let Masking::Condition(condition) = &masking {
-                input = condition.unet_input(&input, rows); // [rows, 2C + 1, h, w]
-            }
-            let c_in = input.len() / (rows * h * w);
-            let input = HostTensor::new(vec![rows, c_in, h, w], input)?.nchw_to_nhwc()?; // [rows, h, w, C_in]
-            let out = self.evaluate_unet(&b.upload(&input)?, t, context)?; // [rows, h, w, C]
-            let out = b.download(&out)?.nhwc_to_nchw()?.data; // [rows, C, h, w]
-            if out.iter().any(|v| !v.is_finite()) {
-                return Err(Error::NonFinite(format!(
-                    "the UNet produced non-finite values at step {} of {}",
-                    i + 1 - first_step,
-                    total
-                )));
-            }
-            let n = c * h * w;
-            let guided: Vec<f32> = if guidance {
-                let (uncond, cond) = out.split_at(n);
-                uncond
-                    .iter()
-                    .zip(cond)
-                    .map(|(&u, &t)| u + request.cfg_scale * (t - u))
-                    .collect()
-            } else {
-                out
-            };
-            latents = scheduler.step(&guided, i, &latents, &mut rng)?;
-            if let Masking::Blend(keep) = &masking {
-                keep.blend(scheduler.as_ref(), &mut latents, i)?;
-            }
-            if !on_step(i + 1 - first_step, total, &latents) {
-                return Err(Error::Cancelled);
-            }
-        }
-        HostTensor::new(vec![1, c, h, w], latents)
     }
 
     /// NCHW latents → 8-bit RGB, as diffusers: decode(latents / scaling_factor), then
@@ -753,15 +554,6 @@ impl KeptLatents {
         Ok(())
     }
 }
-
-/// One image's latents from (seed, prompt context, guidance, progress), in [`Pipeline::each_image`].
-type ImageLoop<'a, B> = dyn FnMut(
-        u64,
-        &<B as Backend>::Tensor,
-        bool,
-        &mut dyn FnMut(usize, usize, &[f32]) -> bool,
-    ) -> Result<HostTensor>
-    + 'a;
 
 /// 8-bit RGB → `[1, H, W, 3]` in [−1, 1], as diffusers' `VaeImageProcessor.preprocess` (x/255 in
 /// f32, then 2x − 1).
@@ -884,22 +676,26 @@ pub enum Start {
 }
 
 impl Start {
-    /// Runs `request` on `generator` from this start.
+    /// Runs `request` on `generator` from this start, its images one after another (a batch
+    /// of one each). `on_step` returning false cancels it (`Error::Cancelled`).
     pub fn run(
         &self,
         generator: &dyn ImageGenerator,
         request: &GenerationRequest,
         on_step: &mut dyn FnMut(Progress<'_>) -> bool,
     ) -> Result<Vec<GeneratedImage>> {
-        match self {
-            Start::Noise => generator.generate(request, on_step),
-            Start::Image { init, strength } => generator.img2img(request, init, *strength, on_step),
-            Start::Masked {
-                image,
-                mask,
-                strength,
-            } => generator.inpaint(request, image, mask, *strength, on_step),
+        let job = generator.prepare(request, self)?;
+        let mut images = Vec::with_capacity(request.number_of_images);
+        for image in 0..request.number_of_images {
+            let row = BatchRow { job: &job, image };
+            let mut results = generator.run_batch(&[row], &mut |steps| {
+                for s in steps.iter_mut() {
+                    s.keep = on_step(s.progress);
+                }
+            })?;
+            images.push(results.pop().unwrap_or(Err(Error::Cancelled))?);
         }
+        Ok(images)
     }
 
     /// The pipeline this start runs.
@@ -956,29 +752,14 @@ impl Pipelines {
 
 /// A loaded model on some backend, as the engine and the CLI see it (the backend's type erased).
 pub trait ImageGenerator: Send {
-    /// See [`Pipeline::generate`].
-    fn generate(
+    /// See [`Pipeline::prepare`].
+    fn prepare(&self, request: &GenerationRequest, start: &Start) -> Result<PreparedJob>;
+    /// See [`Pipeline::run_batch`].
+    fn run_batch(
         &self,
-        request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>>;
-    /// See [`Pipeline::img2img`].
-    fn img2img(
-        &self,
-        request: &GenerationRequest,
-        init: &RgbImage,
-        strength: f64,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>>;
-    /// See [`Pipeline::inpaint`].
-    fn inpaint(
-        &self,
-        request: &GenerationRequest,
-        image: &RgbImage,
-        mask: &RgbImage,
-        strength: f64,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>>;
+        rows: &[BatchRow<'_>],
+        on_step: &mut BatchStep<'_>,
+    ) -> Result<Vec<Result<GeneratedImage>>>;
     /// The model's native `(width, height)`.
     fn native_size(&self) -> (usize, usize);
     /// Width and height must be multiples of this.
@@ -994,31 +775,15 @@ pub trait ImageGenerator: Send {
 }
 
 impl<B: Backend> ImageGenerator for Pipeline<B> {
-    fn generate(
-        &self,
-        request: &GenerationRequest,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>> {
-        Pipeline::generate(self, request, on_step)
+    fn prepare(&self, request: &GenerationRequest, start: &Start) -> Result<PreparedJob> {
+        Pipeline::prepare(self, request, start)
     }
-    fn img2img(
+    fn run_batch(
         &self,
-        request: &GenerationRequest,
-        init: &RgbImage,
-        strength: f64,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>> {
-        Pipeline::img2img(self, request, init, strength, on_step)
-    }
-    fn inpaint(
-        &self,
-        request: &GenerationRequest,
-        image: &RgbImage,
-        mask: &RgbImage,
-        strength: f64,
-        on_step: &mut dyn FnMut(Progress<'_>) -> bool,
-    ) -> Result<Vec<GeneratedImage>> {
-        Pipeline::inpaint(self, request, image, mask, strength, on_step)
+        rows: &[BatchRow<'_>],
+        on_step: &mut BatchStep<'_>,
+    ) -> Result<Vec<Result<GeneratedImage>>> {
+        Pipeline::run_batch(self, rows, on_step)
     }
     fn native_size(&self) -> (usize, usize) {
         Pipeline::native_size(self)
