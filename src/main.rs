@@ -180,6 +180,12 @@ struct ServeArgs {
     #[arg(long, env = "SD21_QUEUE_SIZE", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
     queue_size: u32,
+    /// Most images one batch runs together: queued jobs with the same size, steps, scheduler
+    /// and start step share each UNet pass (1: one image at a time). 1 by default on every device
+    /// until batching is measured faster there.
+    #[arg(long, env = "SD21_MAX_BATCH", default_value_t = sd21::engine::DEFAULT_MAX_BATCH as u32,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_batch: u32,
     /// Largest width × height a request may ask for.
     #[arg(long, env = "SD21_MAX_PIXELS", default_value_t = 1_048_576,
           value_parser = clap::value_parser!(u64).range(4096..))]
@@ -271,6 +277,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_images: args.max_images as usize,
         },
         queue_size: args.queue_size as usize,
+        max_batch: args.max_batch as usize,
         request_timeout: Duration::from_secs(args.request_timeout),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         api_key: args.api_key,

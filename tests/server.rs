@@ -1732,6 +1732,84 @@ fn jobs_are_cancelled_while_queued_and_while_running() {
     assert_eq!(server.metric("sd21_queue_wait_seconds_count"), 2.0);
 }
 
+/// `--max-batch 4`: jobs queued behind a running one share its next batch (the batch-size
+/// histogram shows it; each job hears one step event per step, naming its first image), and
+/// each image equals its request run alone afterwards (mean ≤ 0.25/255, max ≤ 2/255).
+#[test]
+fn queued_jobs_run_as_one_batch_and_each_image_equals_its_request_alone() {
+    let server = Server::start(&["--max-batch", "4"]);
+    let id_of = |reply: Reply| {
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        reply.json()["id"].as_str().unwrap().to_string()
+    };
+    let blocker = id_of(create_job(server.addr, &slow_job()));
+    server.wait_until("the blocker's first step", |s| {
+        get(s.addr, &format!("/jobs/{blocker}"), &[]).json()["progress"]["step"].as_u64() >= Some(1)
+    });
+    let shared = json!({"width": 32, "height": 32, "steps": 3, "scheduler": "euler_a"});
+    let with = |extra: Value| {
+        let mut body = shared.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let bodies = [
+        with(json!({"prompt": "a red boat", "seed": 5, "number_of_images": 2})),
+        with(json!({"prompt": "a cat", "negative_prompt": "blurry", "seed": 9, "cfg_scale": 1.0})),
+        with(json!({"prompt": "a dog", "seed": 12, "cfg_scale": 4.0})),
+    ];
+    let ids: Vec<String> = bodies
+        .iter()
+        .map(|body| id_of(create_job(server.addr, body)))
+        .collect();
+    let reply = send(
+        server.addr,
+        "DELETE",
+        &format!("/jobs/{blocker}"),
+        &[],
+        None,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    for (id, body) in ids.iter().zip(&bodies) {
+        let events = job_events(server.addr, id, None);
+        assert_eq!(events.last().unwrap().event, "done", "{:?}", events.last());
+        let steps: Vec<(u64, u64)> = events
+            .iter()
+            .filter(|e| e.event == "step")
+            .map(|e| {
+                let p = &e.data["progress"];
+                (p["image"].as_u64().unwrap(), p["step"].as_u64().unwrap())
+            })
+            .collect();
+        assert_eq!(steps, [(0, 1), (0, 2), (0, 3)], "{body}");
+        let status = get(server.addr, &format!("/jobs/{id}"), &[]).json();
+        let alone = generate(server.addr, Some("application/json"), body).json();
+        for (i, url) in status["images"].as_array().unwrap().iter().enumerate() {
+            let batched = decode_png(&get(server.addr, url.as_str().unwrap(), &[]).body).2;
+            let single = decode_png(&base64_png(&alone["images"][i])).2;
+            let diffs: Vec<u8> = batched
+                .iter()
+                .zip(&single)
+                .map(|(a, b)| a.abs_diff(*b))
+                .collect();
+            let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+            let max = diffs.iter().copied().max().unwrap_or(0);
+            assert!(
+                mean <= 0.25 && max <= 2,
+                "{body} image {i}: mean {mean:.3}, max {max}"
+            );
+        }
+    }
+    // The blocker alone, the three jobs' four images together, then each request alone (the
+    // first one's two images together).
+    assert_eq!(server.metric("sd21_batch_images_count"), 2.0 + 3.0);
+    assert_eq!(
+        server.metric("sd21_batch_images_sum"),
+        1.0 + 4.0 + (2.0 + 1.0 + 1.0)
+    );
+}
+
 /// `--job-ttl`: a finished job is gone after it; `--max-stored-bytes`: the oldest finished job
 /// goes when the next one's results do not fit.
 #[test]

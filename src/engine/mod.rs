@@ -1,19 +1,20 @@
-//! The engine: one worker thread owns the model and runs generation jobs one at a
-//! time from a bounded queue, so the HTTP side never touches the model and a full queue is a
-//! cheap, immediate "no".
+//! The engine: one worker thread owns the model and runs generation jobs from a bounded queue,
+//! so the HTTP side never touches the model and a full queue is a cheap, immediate "no".
 //!
 //! Life of a job: [`Engine::submit`] admits it (or refuses at once: not ready, queue full,
-//! shutting down) and hands back a [`Ticket`]; the worker pops it, skips it if its client went
-//! away or its deadline passed while it waited, runs it with a step callback that stops the
-//! pipeline (`Error::Cancelled`) as soon as the ticket is dropped, the deadline passes or the
-//! engine is aborted, and answers through a oneshot channel. A panic inside a job is caught and
-//! fails that job only; the worker keeps serving.
+//! shutting down) and hands back a [`Ticket`]; the worker takes it in queue order, skips it if
+//! its client went away or its deadline passed while it waited, and runs its images in batches
+//! with those of other jobs that share the UNet passes (up to [`EngineConfig::max_batch`]
+//! images; see `worker`). A step callback drops the job's rows as soon as its ticket is dropped,
+//! its deadline passes or the engine is aborted; the answer goes through a oneshot channel. A
+//! panic inside a batch fails that batch's jobs only; the worker keeps serving.
 //!
 //! Start-up runs in the worker too: load the model, then one warm-up generation (1 step at the
 //! smallest size); the engine is ready only after both, and reports how start-up went once.
 
+mod worker;
+
 use std::collections::VecDeque;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
@@ -22,15 +23,19 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::oneshot;
 
-use crate::error::Fault;
-use crate::image_io::RgbImage;
-use crate::pipeline::{GeneratedImage, GenerationRequest, ImageGenerator, Progress, Start};
+use crate::pipeline::{
+    BatchKey, GeneratedImage, GenerationRequest, ImageGenerator, Progress, Start,
+};
 use crate::request::ValidationError;
 use crate::sampling::SchedulerKind;
 use crate::Error;
 
 /// Loads the model inside the worker thread (so the server answers `/health` while it loads).
 pub type ModelLoader = Box<dyn FnOnce() -> crate::Result<Box<dyn ImageGenerator>> + Send>;
+
+/// [`EngineConfig::max_batch`] unless configured: one image at a time, on every device, until a
+/// batch is measured faster per image there.
+pub const DEFAULT_MAX_BATCH: usize = 1;
 
 /// How the engine admits and bounds work.
 #[derive(Debug, Clone)]
@@ -39,6 +44,9 @@ pub struct EngineConfig {
     pub queue_size: usize,
     /// Time from admission to answer; checked while queued and between denoising steps.
     pub request_timeout: Duration,
+    /// Images per batch: queued jobs that share size, steps, scheduler and start step run their
+    /// images together, up to this many (1: one image at a time).
+    pub max_batch: usize,
 }
 
 /// What the HTTP side needs to know about the loaded model (defaults and limits).
@@ -83,12 +91,14 @@ impl ModelInfo {
 pub struct EngineMetrics {
     /// `sd21_queue_depth`: jobs waiting (not counting the one running).
     pub queue_depth: IntGauge,
-    /// `sd21_jobs_running`: 1 while the worker runs a job.
+    /// `sd21_jobs_running`: jobs started and not yet answered.
     pub jobs_running: IntGauge,
     /// `sd21_step_duration_seconds`: one denoising step (UNet with guidance + scheduler).
     pub step_seconds: Histogram,
     /// `sd21_queue_wait_seconds`: time a job waited before the worker took it.
     pub queue_wait_seconds: Histogram,
+    /// `sd21_batch_images`: images per batch the worker ran.
+    pub batch_images: Histogram,
     /// `sd21_jobs_total{outcome}`: finished jobs by outcome (ok, cancelled, deadline, …).
     pub jobs: IntCounterVec,
     /// `sd21_vae_f32_decodes_total`: images whose device VAE decode overflowed and was redone in
@@ -100,7 +110,10 @@ impl EngineMetrics {
     pub fn new() -> prometheus::Result<Self> {
         Ok(EngineMetrics {
             queue_depth: IntGauge::new("sd21_queue_depth", "Generation jobs waiting in the queue")?,
-            jobs_running: IntGauge::new("sd21_jobs_running", "Generation jobs running (0 or 1)")?,
+            jobs_running: IntGauge::new(
+                "sd21_jobs_running",
+                "Generation jobs started and not yet answered (in the running batch or waiting for the next)",
+            )?,
             step_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "sd21_step_duration_seconds",
@@ -120,6 +133,10 @@ impl EngineMetrics {
                     0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
                 ]),
             )?,
+            batch_images: Histogram::with_opts(
+                HistogramOpts::new("sd21_batch_images", "Images per batch (rows of one UNet pass)")
+                    .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0]),
+            )?,
             jobs: IntCounterVec::new(
                 Opts::new("sd21_jobs_total", "Finished generation jobs by outcome"),
                 &["outcome"],
@@ -136,6 +153,7 @@ impl EngineMetrics {
         registry.register(Box::new(self.jobs_running.clone()))?;
         registry.register(Box::new(self.step_seconds.clone()))?;
         registry.register(Box::new(self.queue_wait_seconds.clone()))?;
+        registry.register(Box::new(self.batch_images.clone()))?;
         registry.register(Box::new(self.jobs.clone()))?;
         registry.register(Box::new(self.vae_f32_decodes.clone()))
     }
@@ -279,6 +297,8 @@ impl Drop for Ticket {
 
 struct Job {
     sequence: u64,
+    /// What it must share with other jobs to run in their batch.
+    key: BatchKey,
     request: GenerationRequest,
     start: Start,
     observer: Option<Arc<dyn JobObserver>>,
@@ -288,7 +308,8 @@ struct Job {
     client_gone: Option<Arc<AtomicBool>>,
     enqueued: Instant,
     deadline: Option<Instant>,
-    reply: oneshot::Sender<JobResult>,
+    /// Taken when the job is answered.
+    reply: Option<oneshot::Sender<JobResult>>,
 }
 
 impl Job {
@@ -330,8 +351,8 @@ struct Shared {
     abort: AtomicBool,
     model: OnceLock<ModelInfo>,
     metrics: EngineMetrics,
-    /// The running job's sequence number and cancel flag.
-    running: Mutex<Option<(u64, Arc<AtomicBool>)>>,
+    /// The started jobs' sequence numbers and cancel flags.
+    running: Mutex<Vec<(u64, Arc<AtomicBool>)>>,
 }
 
 impl Shared {
@@ -363,13 +384,13 @@ impl Engine {
             abort: AtomicBool::new(false),
             model: OnceLock::new(),
             metrics,
-            running: Mutex::new(None),
+            running: Mutex::new(Vec::new()),
         });
         let (started_tx, started_rx) = oneshot::channel();
         let worker_shared = shared.clone();
         let worker = std::thread::Builder::new()
             .name("sd21-engine".into())
-            .spawn(move || worker_main(&worker_shared, load, started_tx))?;
+            .spawn(move || worker::worker_main(&worker_shared, load, started_tx))?;
         Ok((
             Engine {
                 shared,
@@ -446,6 +467,7 @@ impl Engine {
         }
         queue.jobs.push_back(Job {
             sequence,
+            key: BatchKey::of(&request, &start),
             request,
             start,
             observer: admission.observer,
@@ -453,7 +475,7 @@ impl Engine {
             client_gone: admission.client_gone,
             enqueued: now,
             deadline: deadline.map(|(at, _)| at),
-            reply: reply_tx,
+            reply: Some(reply_tx),
         });
         self.shared.metrics.queue_depth.set(queue.jobs.len() as i64);
         drop(queue);
@@ -497,23 +519,25 @@ impl Engine {
             .jobs
             .with_label_values(&[JobError::Cancelled.outcome()])
             .inc();
-        let _ = job.reply.send(Err(JobError::Cancelled));
+        if let Some(reply) = job.reply {
+            let _ = reply.send(Err(JobError::Cancelled));
+        }
         true
     }
 
-    /// Raises the cancel flag of the running job when it is `sequence`.
+    /// Raises the cancel flag of job `sequence` when it has started.
     fn cancel_running(&self, sequence: u64) -> bool {
         let running = self
             .shared
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        match running.as_ref() {
-            Some((running_sequence, cancel)) if *running_sequence == sequence => {
+        match running.iter().find(|(s, _)| *s == sequence) {
+            Some((_, cancel)) => {
                 cancel.store(true, Ordering::Relaxed);
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
@@ -579,245 +603,6 @@ impl Drop for Engine {
     }
 }
 
-fn worker_main(
-    shared: &Shared,
-    load: ModelLoader,
-    started: oneshot::Sender<Result<ModelInfo, StartupError>>,
-) {
-    let generator = match start_up(shared, load) {
-        Ok(generator) => generator,
-        Err(e) => {
-            tracing::error!(error = %e, "engine start-up failed");
-            shared.lock().closed = true;
-            let _ = started.send(Err(e));
-            return;
-        }
-    };
-    shared.ready.store(true, Ordering::Release);
-    if let Some(info) = shared.model.get() {
-        let _ = started.send(Ok(info.clone()));
-    }
-    while let Some(job) = next_job(shared) {
-        run_job(shared, generator.as_ref(), job);
-    }
-    tracing::info!("engine stopped");
-}
-
-/// Loads the model and runs one warm-up generation at the smallest size.
-fn start_up(shared: &Shared, load: ModelLoader) -> Result<Box<dyn ImageGenerator>, StartupError> {
-    let started = Instant::now();
-    let generator = match catch_unwind(AssertUnwindSafe(load)) {
-        Ok(Ok(generator)) => generator,
-        Ok(Err(e)) => return Err(StartupError::Load(e)),
-        Err(panic) => return Err(StartupError::LoadPanicked(panic_message(panic.as_ref()))),
-    };
-    let info = ModelInfo::of(generator.as_ref());
-    tracing::info!(
-        model = %info.name,
-        device = %info.device,
-        seconds = started.elapsed().as_secs_f64(),
-        "model loaded; warming up"
-    );
-    let side = warm_up_side(info.latent_factor);
-    let warm_up = GenerationRequest {
-        prompt: String::new(),
-        negative_prompt: String::new(),
-        width: side,
-        height: side,
-        steps: 1,
-        cfg_scale: 7.0,
-        seed: 0,
-        scheduler: info
-            .default_scheduler
-            .clone()
-            .unwrap_or(SchedulerKind::Ddim),
-        number_of_images: 1,
-    };
-    let start = warm_up_start(&info, side);
-    let _ = shared.model.set(info);
-    let started = Instant::now();
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        start.run(generator.as_ref(), &warm_up, &mut |_| {
-            !shared.abort.load(Ordering::Relaxed)
-        })
-    }));
-    match result {
-        Ok(Ok(_)) => {}
-        Ok(Err(Error::Cancelled)) => return Err(StartupError::WarmUp(JobError::ShuttingDown)),
-        Ok(Err(e)) => return Err(StartupError::WarmUp(job_error(e))),
-        Err(panic) => {
-            return Err(StartupError::WarmUp(JobError::Panicked(panic_message(
-                panic.as_ref(),
-            ))))
-        }
-    }
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        "warm-up done; ready"
-    );
-    Ok(generator)
-}
-
-/// txt2img, or for an inpainting model (which runs nothing else) a grey `side`² image with all of
-/// it repainted.
-fn warm_up_start(info: &ModelInfo, side: usize) -> Start {
-    if !info.inpainting_model {
-        return Start::Noise;
-    }
-    let plain = |value| {
-        Arc::new(RgbImage {
-            width: side,
-            height: side,
-            pixels: vec![value; side * side * 3],
-        })
-    };
-    Start::Masked {
-        image: plain(128),
-        mask: plain(255),
-        strength: 1.0,
-    }
-}
-
-/// Width and height of the warm-up generation: 8 latent pixels (64 for SD 2.1), enough to run
-/// every UNet block at a real (if small) size.
-fn warm_up_side(latent_factor: usize) -> usize {
-    8 * latent_factor
-}
-
-/// Blocks until a job is queued (Some) or the queue is closed and empty (None).
-fn next_job(shared: &Shared) -> Option<Job> {
-    let mut queue = shared.lock();
-    loop {
-        if let Some(job) = queue.jobs.pop_front() {
-            shared.metrics.queue_depth.set(queue.jobs.len() as i64);
-            queue.tell_positions();
-            *shared
-                .running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some((job.sequence, job.cancel.clone()));
-            return Some(job);
-        }
-        if queue.closed {
-            return None;
-        }
-        queue = shared
-            .job_available
-            .wait(queue)
-            .unwrap_or_else(PoisonError::into_inner);
-    }
-}
-
-fn run_job(shared: &Shared, generator: &dyn ImageGenerator, job: Job) {
-    let started = Instant::now();
-    let queued = started.duration_since(job.enqueued);
-    shared
-        .metrics
-        .queue_wait_seconds
-        .observe(queued.as_secs_f64());
-    let stop_reason = |now: Instant| -> Option<JobError> {
-        // The deadline first: a ticket that timed out also sets the cancel flag.
-        if job.deadline.is_some_and(|deadline| now >= deadline) {
-            Some(JobError::DeadlineExceeded(shared.config.request_timeout))
-        } else if shared.abort.load(Ordering::Relaxed) {
-            Some(JobError::ShuttingDown)
-        } else if !job.wanted() {
-            Some(JobError::Cancelled)
-        } else {
-            None
-        }
-    };
-    let result = if let Some(reason) = stop_reason(started) {
-        Err(reason)
-    } else {
-        shared.metrics.jobs_running.set(1);
-        let metrics = &shared.metrics;
-        let mut last_step: Option<Instant> = None;
-        if let Some(observer) = &job.observer {
-            observer.started();
-        }
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            job.start.run(generator, &job.request, &mut |progress| {
-                if let Some(observer) = &job.observer {
-                    observer.step(&progress);
-                }
-                let now = Instant::now();
-                // Step 1 of each image also holds prompt encoding or the previous decode.
-                if let (true, Some(last)) = (progress.step > 1, last_step) {
-                    metrics
-                        .step_seconds
-                        .observe(now.duration_since(last).as_secs_f64());
-                }
-                last_step = Some(now);
-                stop_reason(now).is_none()
-            })
-        }));
-        shared.metrics.jobs_running.set(0);
-        match outcome {
-            Ok(Ok(images)) => {
-                let redone = images.iter().filter(|g| g.decoded_in_f32).count();
-                shared.metrics.vae_f32_decodes.inc_by(redone as u64);
-                Ok(JobOutput {
-                    images,
-                    queued,
-                    generation: started.elapsed(),
-                })
-            }
-            Ok(Err(Error::Cancelled)) => {
-                Err(stop_reason(Instant::now()).unwrap_or(JobError::Cancelled))
-            }
-            Ok(Err(e)) => Err(job_error(e)),
-            Err(panic) => Err(JobError::Panicked(panic_message(panic.as_ref()))),
-        }
-    };
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.outcome(),
-    };
-    shared.metrics.jobs.with_label_values(&[outcome]).inc();
-    match &result {
-        Ok(_) | Err(JobError::Cancelled) => tracing::info!(
-            outcome,
-            queued_s = queued.as_secs_f64(),
-            run_s = started.elapsed().as_secs_f64(),
-            "job finished"
-        ),
-        Err(e) => tracing::warn!(outcome, error = %e, "job failed"),
-    }
-    *shared
-        .running
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = None;
-    // The receiver is gone when the client went away; nothing to tell then.
-    let _ = job.reply.send(result);
-}
-
-/// A generation error as the job's outcome, by whose fault it is. The error's source chain
-/// is logged here, since the job error keeps only its message.
-fn job_error(e: Error) -> JobError {
-    match e.fault() {
-        Fault::Client => match e {
-            Error::InvalidRequest(message) => JobError::Invalid(message),
-            other => JobError::Invalid(other.to_string()),
-        },
-        Fault::Unavailable => JobError::Unavailable(e.to_string()),
-        Fault::Cancelled => JobError::Cancelled,
-        Fault::Bug => {
-            tracing::error!(error = ?e, "generation failed (a bug)");
-            JobError::Failed(e.to_string())
-        }
-    }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -845,12 +630,21 @@ mod tests {
     }
 
     fn start(queue_size: usize, timeout: Duration) -> (Engine, tokio::runtime::Runtime) {
+        start_batching(queue_size, timeout, 1)
+    }
+
+    fn start_batching(
+        queue_size: usize,
+        timeout: Duration,
+        max_batch: usize,
+    ) -> (Engine, tokio::runtime::Runtime) {
         let rt = runtime();
         let metrics = EngineMetrics::new().expect("metrics");
         let (engine, started) = Engine::start(
             EngineConfig {
                 queue_size,
                 request_timeout: timeout,
+                max_batch,
             },
             FakeGenerator::new(SchedulerKind::Ddim).loader(),
             metrics,
@@ -864,13 +658,72 @@ mod tests {
 
     /// Waits (bounded) until the worker has picked up a job.
     fn wait_running(engine: &Engine) {
+        wait_jobs_running(engine, 1);
+    }
+
+    /// Waits (bounded) until `n` jobs have started and are not answered.
+    fn wait_jobs_running(engine: &Engine, n: i64) {
         for _ in 0..5000 {
-            if engine.shared.metrics.jobs_running.get() == 1 {
+            if engine.shared.metrics.jobs_running.get() == n {
                 return;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        panic!("the job never started");
+        panic!("{n} jobs never ran at once");
+    }
+
+    fn images(prompt: &str, number_of_images: usize) -> GenerationRequest {
+        GenerationRequest {
+            number_of_images,
+            ..request(prompt)
+        }
+    }
+
+    #[test]
+    fn queued_jobs_share_batches_in_queue_order_up_to_max_batch() {
+        let (engine, rt) = start_batching(8, Duration::from_secs(60), 4);
+        let blocker = engine.submit(images("slow", 1), None).expect("admitted");
+        wait_running(&engine);
+        let b = engine.submit(images("b", 2), None).expect("admitted");
+        let c = engine.submit(images("c", 1), None).expect("admitted");
+        let d = engine.submit(images("d", 3), None).expect("admitted");
+        let other_size = GenerationRequest {
+            width: 72,
+            ..images("e", 1)
+        };
+        let e = engine.submit(other_size, None).expect("admitted");
+        drop(blocker);
+        let seeds = |ticket: Ticket| -> Vec<u64> {
+            let out = rt.block_on(ticket.wait()).expect("ok");
+            out.images.iter().map(|i| i.seed).collect()
+        };
+        assert_eq!(seeds(b), [1, 2]);
+        assert_eq!(seeds(c), [1]);
+        assert_eq!(seeds(d), [1, 2, 3]);
+        assert_eq!(seeds(e), [1]);
+        // Batches: the blocker alone; b0 b1 c0 d0; d1 d2 (e cannot share it, so it waits); e.
+        let batches = &engine.shared.metrics.batch_images;
+        assert_eq!(batches.get_sample_count(), 4);
+        assert_eq!(batches.get_sample_sum(), 8.0);
+    }
+
+    #[test]
+    fn cancelling_one_job_drops_its_rows_and_its_batch_goes_on() {
+        let (engine, rt) = start_batching(8, Duration::from_secs(60), 4);
+        let blocker = engine.submit(images("slow", 1), None).expect("admitted");
+        wait_running(&engine);
+        let x = engine.submit(images("slow", 1), None).expect("admitted");
+        let y = engine.submit(images("slow", 2), None).expect("admitted");
+        drop(blocker);
+        wait_jobs_running(&engine, 2);
+        assert!(engine.cancel(x.sequence()));
+        assert_eq!(rt.block_on(x.wait()).unwrap_err(), JobError::Cancelled);
+        // y's rows still run in the same batch.
+        assert_eq!(engine.shared.metrics.jobs_running.get(), 1);
+        assert_eq!(engine.shared.metrics.batch_images.get_sample_count(), 2);
+        drop(y);
+        wait_jobs_running(&engine, 0);
+        assert_eq!(engine.shared.metrics.batch_images.get_sample_count(), 2);
     }
 
     #[test]
@@ -1019,6 +872,7 @@ mod tests {
             EngineConfig {
                 queue_size: 1,
                 request_timeout: Duration::from_secs(1),
+                max_batch: 1,
             },
             Box::new(|| Err(Error::Config("no such model".into()))),
             EngineMetrics::new().expect("metrics"),

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Requests that may wait while one runs; more are answered 429.
     pub queue_size: usize,
+    /// Images per batch ([`EngineConfig::max_batch`]).
+    pub max_batch: usize,
     /// Deadline of a request from admission to answer.
     pub request_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
@@ -67,6 +69,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("port", &self.port)
             .field("limits", &self.limits)
             .field("queue_size", &self.queue_size)
+            .field("max_batch", &self.max_batch)
             .field("request_timeout", &self.request_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             port: 8000,
             limits: Limits::default(),
             queue_size: 16,
+            max_batch: crate::engine::DEFAULT_MAX_BATCH,
             request_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(60),
             api_key: None,
@@ -123,6 +127,7 @@ pub async fn serve(
         EngineConfig {
             queue_size: config.queue_size,
             request_timeout: config.request_timeout,
+            max_batch: config.max_batch,
         },
         load,
         metrics.engine.clone(),
