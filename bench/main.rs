@@ -1,11 +1,13 @@
-//! `sd21-bench`: how close each op is to what this machine can do (`kernels`), and how fast a
-//! whole generation is next to PyTorch/diffusers on the same work (`pipeline`).
+//! `sd21-bench`: how close each op is to what this machine can do (`kernels`), how fast a
+//! whole generation is next to PyTorch/diffusers on the same work (`pipeline`), and what a
+//! server sustains under concurrent clients, batching on and off (`serve`).
 
 mod device;
 mod kernels;
 mod models;
 mod ops;
 mod pipeline;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -18,6 +20,7 @@ use sd21::backend::cuda::CudaBackend;
 
 use kernels::kernels;
 use pipeline::{pipeline, print_comparison, torch_reference, PipelineOpts};
+use serve::{serve, ServeOpts};
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +97,39 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Images/s and p50/p95 latency of `sd21 serve` under concurrent clients; without --url it
+    /// starts a server per --max-batch value and round, alternating them.
+    Serve {
+        /// Measure this running server (http://IP:PORT) instead of starting servers.
+        #[arg(long)]
+        url: Option<String>,
+        /// The model the started servers load: a folder, a Hub id or `demo`.
+        #[arg(long, default_value = "demo")]
+        model: String,
+        /// The sd21 binary (default: the one next to sd21-bench).
+        #[arg(long)]
+        sd21: Option<PathBuf>,
+        /// --max-batch of the started servers, alternated each round.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 4])]
+        max_batch: Vec<usize>,
+        /// Concurrent clients, one measurement each.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 8])]
+        clients: Vec<usize>,
+        /// Requests each client sends, one after another.
+        #[arg(long, default_value_t = 4)]
+        requests: usize,
+        /// Rounds (the median and min–max over them are reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value_t = 256)]
+        width: usize,
+        #[arg(long, default_value_t = 256)]
+        height: usize,
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -147,13 +183,45 @@ fn main() -> Result<()> {
                 print_comparison(&report["sd21"], &torch);
                 report["torch"] = torch;
             }
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            Ok(())
+            write_json(json, &report)
+        }
+        BenchCommand::Serve {
+            url,
+            model,
+            sd21,
+            max_batch,
+            clients,
+            requests,
+            repeats,
+            width,
+            height,
+            steps,
+            json,
+        } => {
+            let opts = ServeOpts {
+                url,
+                model,
+                sd21,
+                max_batch,
+                clients,
+                requests,
+                repeats,
+                width,
+                height,
+                steps,
+            };
+            write_json(json, &serve(&opts)?)
         }
     }
+}
+
+/// Writes `report` to `path` when one was given.
+fn write_json(path: Option<PathBuf>, report: &serde_json::Value) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(&path, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// `kernels` on CUDA device 0. On Hopper the convolutions and head-dim-64 attention run wgmma

@@ -101,3 +101,73 @@ fn pipeline_times_the_tiny_random_model() {
     }
     assert_eq!(report["sd21"]["width"], 64);
 }
+
+/// `sd21-bench serve` starts a server per --max-batch value (the demo model), drives it with
+/// concurrent clients and reports images/s and latency percentiles per configuration.
+#[test]
+fn serve_load_table_covers_every_max_batch_and_client_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("serve.json");
+    let out = bench()
+        .args([
+            "serve",
+            "--max-batch",
+            "1,2",
+            "--clients",
+            "1,2",
+            "--requests",
+            "2",
+        ])
+        .args([
+            "--repeats",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+        ])
+        .args(["--sd21", env!("CARGO_BIN_EXE_sd21"), "--json"])
+        .arg(&json_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let configs: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["max_batch"].as_str().unwrap().to_string(),
+                r["clients"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        configs,
+        [
+            ("1".into(), 1),
+            ("1".into(), 2),
+            ("2".into(), 1),
+            ("2".into(), 2)
+        ]
+    );
+    for row in rows {
+        assert!(
+            row["images_per_s"]["median"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+        let (p50, p95) = (
+            row["p50_s"]["median"].as_f64().unwrap(),
+            row["p95_s"]["median"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p95 >= p50, "{row}");
+    }
+    assert!(String::from_utf8_lossy(&out.stdout).contains("images/s"));
+}
