@@ -114,6 +114,22 @@ impl ClipTokenizer {
         Self::finish(embedded_bpe()?, settings, "the embedded CLIP vocabulary")
     }
 
+    /// Writes a tokenizer folder for the embedded vocabulary, as SD 2.x ships one (`vocab.json`,
+    /// `merges.txt`, pad "!" and 77 tokens in `tokenizer_config.json`): [`ClipTokenizer::from_dir`]
+    /// and transformers read it to the ids [`ClipTokenizer::embedded`] gives.
+    pub fn write_embedded(dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        vocab::write_embedded(dir)?;
+        let config = serde_json::json!({
+            "tokenizer_class": "CLIPTokenizer",
+            "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": "!",
+            "model_max_length": DEFAULT_MAX_LEN, "do_lower_case": true,
+            "add_prefix_space": false, "errors": "replace",
+        });
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(&path, config.to_string()).map_err(|e| Error::io(&path, e))
+    }
+
     /// The number of ids `encode` returns (77 for CLIP).
     pub fn max_len(&self) -> usize {
         self.max_len

@@ -55,6 +55,22 @@ fn goldens_from_embedded_vocabulary() {
 }
 
 #[test]
+fn the_written_embedded_folder_reads_back_to_the_goldens_and_the_fixture_files() {
+    let dir = tempfile::tempdir().unwrap();
+    ClipTokenizer::write_embedded(dir.path()).unwrap();
+    assert_goldens(&ClipTokenizer::from_dir(dir.path()).unwrap(), "written");
+    let written = vocab::from_files(
+        &dir.path().join("vocab.json"),
+        &dir.path().join("merges.txt"),
+    )
+    .unwrap();
+    let fixture = fixture_dir();
+    let files =
+        vocab::from_files(&fixture.join("vocab.json"), &fixture.join("merges.txt")).unwrap();
+    assert!(written == files, "the written files equal SD 2.1's");
+}
+
+#[test]
 fn embedded_vocabulary_equals_vocab_json_and_merges_txt() {
     let dir = fixture_dir();
     let (file_vocab, file_merges) =

@@ -91,6 +91,30 @@ pub(crate) fn bytes_to_unicode() -> Vec<(u8, char)> {
 }
 
 /// A model's `vocab.json` (token → id) and `merges.txt` (`#version` header, then one "a b" per line).
+/// Writes the embedded vocabulary as a model folder's `vocab.json` and `merges.txt` (the files
+/// transformers' `CLIPTokenizer` reads; [`from_files`] reads them back to the same vocabulary).
+pub(crate) fn write_embedded(dir: &Path) -> Result<()> {
+    let (vocab, merges) = embedded()?;
+    let ordered: std::collections::BTreeMap<u32, &String> =
+        vocab.iter().map(|(token, &id)| (id, token)).collect();
+    let json: serde_json::Map<String, serde_json::Value> = ordered
+        .into_iter()
+        .map(|(id, token)| (token.clone(), serde_json::Value::from(id)))
+        .collect();
+    let vocab_path = dir.join("vocab.json");
+    let text = serde_json::to_string(&json).map_err(|source| Error::Json {
+        path: vocab_path.clone(),
+        source,
+    })?;
+    std::fs::write(&vocab_path, text).map_err(|e| Error::io(&vocab_path, e))?;
+    let mut text = String::from("#version: 0.2\n");
+    for (a, b) in &merges {
+        text.push_str(&format!("{a} {b}\n"));
+    }
+    let merges_path = dir.join("merges.txt");
+    std::fs::write(&merges_path, text).map_err(|e| Error::io(&merges_path, e))
+}
+
 pub(crate) fn from_files(vocab_path: &Path, merges_path: &Path) -> Result<(Vocab, Merges)> {
     let bytes = std::fs::read(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
     let map: HashMap<String, u32> =
