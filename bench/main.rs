@@ -8,6 +8,7 @@ mod models;
 mod ops;
 mod pipeline;
 mod serve;
+mod write_random;
 
 use std::path::PathBuf;
 
@@ -21,6 +22,7 @@ use sd21::backend::cuda::CudaBackend;
 use kernels::kernels;
 use pipeline::{pipeline, print_comparison, torch_reference, PipelineOpts};
 use serve::{serve, ServeOpts};
+use write_random::write_random;
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +98,14 @@ enum BenchCommand {
         python: String,
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Write a random-weight model (sd21-512, sd21-768 or tiny) as a diffusers-layout folder, so
+    /// `sd21` and diffusers load the same weights `pipeline --random` builds.
+    WriteRandom {
+        #[arg(long)]
+        random: String,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Images/s and p50/p95 latency of `sd21 serve` under concurrent clients; without --url it
     /// starts a server per --max-batch value and round, alternating them.
@@ -184,6 +194,9 @@ fn main() -> Result<()> {
                 report["torch"] = torch;
             }
             write_json(json, &report)
+        }
+        BenchCommand::WriteRandom { random, out } => {
+            write_random(models::RandomModel::parse(&random)?, &out)
         }
         BenchCommand::Serve {
             url,

@@ -54,33 +54,22 @@ impl RandomModel {
         }
     }
 
+    /// The scheduler config text.
+    pub fn scheduler_text(self) -> &'static str {
+        match self {
+            RandomModel::Sd21_512 | RandomModel::Tiny => SD21_BASE_SCHEDULER,
+            RandomModel::Sd21_768 => SD21_768_SCHEDULER,
+        }
+    }
+
     /// The component configs, parsed exactly as the model files would be.
     pub fn configs(self) -> Result<ModelConfigs> {
-        let (unet, vae, text, scheduler) = match self {
-            RandomModel::Sd21_512 => (
-                SD21_UNET.replace("SAMPLE", "64").replace("UPCAST", "false"),
-                SD21_VAE.to_string(),
-                SD21_TEXT_ENCODER,
-                SD21_BASE_SCHEDULER,
-            ),
-            RandomModel::Sd21_768 => (
-                SD21_UNET.replace("SAMPLE", "96").replace("UPCAST", "true"),
-                SD21_VAE.to_string(),
-                SD21_TEXT_ENCODER,
-                SD21_768_SCHEDULER,
-            ),
-            RandomModel::Tiny => (
-                TINY_UNET.to_string(),
-                TINY_VAE.to_string(),
-                TINY_TEXT_ENCODER,
-                SD21_BASE_SCHEDULER,
-            ),
-        };
+        let (unet, vae, text) = self.config_texts();
         Ok(ModelConfigs {
             unet: serde_json::from_str(&unet)?,
             vae: serde_json::from_str(&vae)?,
-            text_encoder: serde_json::from_str(text)?,
-            scheduler: serde_json::from_str(scheduler)?,
+            text_encoder: serde_json::from_str(&text)?,
+            scheduler: serde_json::from_str(self.scheduler_text())?,
         })
     }
 

@@ -171,3 +171,53 @@ fn serve_load_table_covers_every_max_batch_and_client_count() {
     }
     assert!(String::from_utf8_lossy(&out.stdout).contains("images/s"));
 }
+
+/// `sd21-bench write-random` writes the very model `--random` builds: `sd21 generate` on the
+/// written folder draws what the in-memory random model draws, pixel for pixel.
+#[test]
+fn the_written_random_model_is_the_in_memory_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let out = bench()
+        .args(["write-random", "--random", "tiny", "--out"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = dir.path().join("boat.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_sd21"))
+        .args([
+            "generate", "--prompt", "a boat", "--steps", "3", "--seed", "4",
+        ])
+        .args(["--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("--output")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = image::open(&png).unwrap().to_rgb8().into_raw();
+    let in_memory =
+        sd21::demo::random_tiny(sd21::backend::cpu::CpuBackend::new(), "tiny".into()).unwrap();
+    let request = sd21::pipeline::GenerationRequest {
+        prompt: "a boat".into(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 64,
+        steps: 3,
+        cfg_scale: 7.0,
+        seed: 4,
+        scheduler: in_memory.default_scheduler().unwrap(),
+        number_of_images: 1,
+    };
+    let ours = in_memory.generate(&request, &mut |_| true).unwrap();
+    assert_eq!(written, ours[0].image.pixels);
+}
