@@ -218,31 +218,26 @@ fn print_figures(result: &serde_json::Value) {
     }
 }
 
-/// Runs bench/torch_reference.py with the same model dimensions, size and steps.
+/// Runs bench/torch_reference.py on the same weights (the `--model` folder, or the `--random`
+/// model written once as a folder), size and steps.
 pub fn torch_reference(
     python: &str,
     device: DeviceArg,
     opts: &PipelineOpts,
 ) -> Result<serde_json::Value> {
-    let model = match (&opts.random, &opts.model) {
-        (Some(name), _) => RandomModel::parse(name)?,
-        (None, _) => {
-            bail!("--compare-torch needs --random (both sides then build the same random model)")
-        }
+    let dir = match (&opts.random, &opts.model) {
+        (Some(name), _) => random_model_dir(RandomModel::parse(name)?)?,
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => bail!("--compare-torch needs --model or --random"),
     };
-    let (unet, vae, text) = model.config_texts();
-    let dir = tempfile_dir()?;
-    std::fs::write(dir.join("unet.json"), unet)?;
-    std::fs::write(dir.join("vae.json"), vae)?;
-    std::fs::write(dir.join("text_encoder.json"), text)?;
+    let configs = sd21::pipeline::ModelConfigs::read(&ModelFiles::locate(&dir)?)?;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("bench")
         .join("torch_reference.py");
-    let configs = model.configs()?;
     let native = configs.unet.sample_size * configs.vae.latent_factor();
     let mut cmd = Command::new(python);
     cmd.arg(&script)
-        .arg("--configs")
+        .arg("--model")
         .arg(&dir)
         .args([
             "--device",
@@ -265,7 +260,6 @@ pub fn torch_reference(
     let out = cmd
         .output()
         .with_context(|| format!("running {python} {}", script.display()))?;
-    let _ = std::fs::remove_dir_all(&dir);
     if !out.status.success() {
         bail!(
             "torch_reference.py failed:\n{}",
@@ -278,9 +272,13 @@ pub fn torch_reference(
         .with_context(|| format!("torch_reference.py printed no JSON: {stdout}"))
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("sd21-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+/// `model` as a folder in the temporary directory, written on first use (`model_index.json`,
+/// written last, marks a complete one).
+pub fn random_model_dir(model: RandomModel) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("sd21-random-{}", model.name()));
+    if !dir.join("model_index.json").is_file() {
+        crate::write_random::write_random(model, &dir)?;
+    }
     Ok(dir)
 }
 

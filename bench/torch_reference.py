@@ -1,12 +1,12 @@
 """PyTorch/diffusers reference timings for `sd21-bench pipeline --compare-torch`.
 
 Install: pip install torch==2.15.0 diffusers==0.42.1 transformers==5.24.0
-Run (normally from sd21-bench, which writes the configs):
-    python bench/torch_reference.py --configs DIR --device cpu --width 512 --height 512 --steps 20
+Run (normally from sd21-bench, which passes the model folder it loads itself):
+    python bench/torch_reference.py --model DIR --device cpu --width 512 --height 512 --steps 20
 
-Builds UNet2DConditionModel, AutoencoderKL and CLIPTextModel from the config JSON files in DIR
-(unet.json, vae.json, text_encoder.json: the exact dimensions sd21 uses) with random weights, and
-times the same work as sd21-bench: text encoding (prompt + negative, batch 2), one UNet step with
+Loads UNet2DConditionModel, AutoencoderKL and CLIPTextModel from the diffusers-layout folder DIR
+(the very weights sd21-bench runs; `sd21-bench write-random` writes random ones), and times the
+same work as sd21-bench: text encoding (prompt + negative, batch 2), one UNet step with
 CFG (batch 2), one VAE decode, and a whole generation with the PNDM scheduler. CPU: float32 on all
 cores; CUDA: float16 with SDPA attention (diffusers' default). Prints one JSON line last.
 """
@@ -19,7 +19,7 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 
 def sync(device):
@@ -42,7 +42,7 @@ def timed(device, fn, repeats, warmup=1):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", required=True)
+    ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--height", type=int, default=512)
@@ -55,16 +55,12 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     device = args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
-    load = lambda name: json.load(open(os.path.join(args.configs, name)))
-
-    unet_cfg = {k: v for k, v in load("unet.json").items() if not k.startswith("_")}
-    vae_cfg = {k: v for k, v in load("vae.json").items() if not k.startswith("_")}
-    text_cfg = CLIPTextConfig(**{k: v for k, v in load("text_encoder.json").items() if k != "architectures"})
     start = time.perf_counter()
-    unet = UNet2DConditionModel(**unet_cfg).to(device, dtype).eval()
-    vae = AutoencoderKL(**vae_cfg).to(device, dtype).eval()
-    text = CLIPTextModel(text_cfg).to(device, dtype).eval()
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device, dtype).eval()
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device, dtype).eval()
+    text = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").to(device, dtype).eval()
     load_s = time.perf_counter() - start
+    text_cfg = text.config
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     h, w = args.height // factor, args.width // factor

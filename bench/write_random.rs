@@ -1,5 +1,5 @@
 //! `sd21-bench write-random`: a random-weight model written once as a diffusers-layout folder
-//! (configs, f32 safetensors, tokenizer, model_index.json), so `sd21 serve --model DIR`, `sd21
+//! (configs, f32 safetensors, tokenizer, and model_index.json last, marking it complete), so `sd21 serve --model DIR`, `sd21
 //! generate` and diffusers all load the very weights `--random` builds in memory.
 
 use std::borrow::Cow;
@@ -35,7 +35,6 @@ pub fn write_random(model: RandomModel, out: &Path) -> Result<()> {
     write("vae/config.json", &vae_text)?;
     write("text_encoder/config.json", &text_encoder_text)?;
     write("scheduler/scheduler_config.json", model.scheduler_text())?;
-    write("model_index.json", &model_index().to_string())?;
     ClipTokenizer::write_embedded(&out.join("tokenizer"))?;
 
     let cpu = CpuBackend::new();
@@ -50,6 +49,8 @@ pub fn write_random(model: RandomModel, out: &Path) -> Result<()> {
         VaeEncoder::load(&WeightScope::new(w, &cpu), &configs.vae).map(drop)
     })?;
     write_tensors(&out.join("vae/diffusion_pytorch_model.safetensors"), names)?;
+    // Last: a folder with it is complete.
+    write("model_index.json", &model_index().to_string())?;
     println!(
         "wrote {} (random weights, f32) to {}",
         model.name(),
