@@ -3,6 +3,7 @@
 //! server sustains under concurrent clients, batching on and off (`serve`).
 
 mod device;
+mod e2e;
 mod kernels;
 mod models;
 mod ops;
@@ -19,6 +20,7 @@ use serde_json::json;
 use sd21::backend::cpu::CpuBackend;
 use sd21::backend::cuda::CudaBackend;
 
+use e2e::{e2e, E2eOpts};
 use kernels::kernels;
 use pipeline::{pipeline, print_comparison, torch_reference, PipelineOpts};
 use serve::{serve, ServeOpts};
@@ -90,12 +92,39 @@ enum BenchCommand {
         /// Timed runs of each component (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// Also run bench/torch_reference.py (diffusers) on the same work and print both.
+        /// Also run bench/torch_reference.py (diffusers) on the same weights and work, print both.
         #[arg(long)]
         compare_torch: bool,
         /// The Python that has torch + diffusers.
         #[arg(long, env = "SD21_TORCH_PYTHON", default_value = "python3")]
         python: String,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Whole processes as a user runs them: `sd21 generate` against diffusers'
+    /// StableDiffusionPipeline on the same folder (1 and 3 steps, sides alternating): wall time,
+    /// per step, fixed cost and peak RSS, median and min–max.
+    E2e {
+        /// A diffusers-layout folder (`write-random` makes one with random weights).
+        #[arg(long)]
+        model: PathBuf,
+        /// The Python with torch + diffusers (`none`: sd21 alone).
+        #[arg(long, env = "SD21_TORCH_PYTHON", default_value = "python3")]
+        python: String,
+        /// The sd21 binary (default: the one next to sd21-bench).
+        #[arg(long)]
+        sd21: Option<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        height: Option<usize>,
+        #[arg(long, default_value = "pndm")]
+        scheduler: String,
+        /// Threads of both sides (RAYON_NUM_THREADS, torch.set_num_threads); default: all.
+        #[arg(long)]
+        threads: Option<usize>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -194,6 +223,29 @@ fn main() -> Result<()> {
                 report["torch"] = torch;
             }
             write_json(json, &report)
+        }
+        BenchCommand::E2e {
+            model,
+            python,
+            sd21,
+            repeats,
+            width,
+            height,
+            scheduler,
+            threads,
+            json,
+        } => {
+            let opts = E2eOpts {
+                model,
+                python,
+                sd21,
+                repeats,
+                width,
+                height,
+                scheduler,
+                threads,
+            };
+            write_json(json, &e2e(&opts)?)
         }
         BenchCommand::WriteRandom { random, out } => {
             write_random(models::RandomModel::parse(&random)?, &out)

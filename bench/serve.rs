@@ -215,7 +215,7 @@ fn print_table(report: &Value) {
 }
 
 /// The CPU's model name and how many this process may use.
-fn machine() -> String {
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| {

@@ -221,3 +221,48 @@ fn the_written_random_model_is_the_in_memory_one() {
     let ours = in_memory.generate(&request, &mut |_| true).unwrap();
     assert_eq!(written, ours[0].image.pixels);
 }
+
+/// `sd21-bench e2e` times whole `sd21 generate` processes at 1 and 3 steps and reads their peak
+/// RSS (here without the diffusers side: no Python in CI).
+#[test]
+fn e2e_reports_wall_time_per_step_fixed_cost_and_peak_rss() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("e2e.json");
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd21");
+    let out = bench()
+        .args([
+            "e2e",
+            "--python",
+            "none",
+            "--repeats",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .args(["--sd21", env!("CARGO_BIN_EXE_sd21"), "--model"])
+        .arg(&model)
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let sd21 = &report["sd21"];
+    for key in ["wall_3_steps_s", "per_step_s", "fixed_s"] {
+        assert!(
+            sd21[key]["median"].as_f64().unwrap().is_finite(),
+            "{key}: {sd21}"
+        );
+    }
+    let rss = sd21["peak_rss_gb"]["median"].as_f64().unwrap();
+    assert!(rss > 0.001 && rss < 20.0, "peak RSS {rss} GB");
+    assert!(report["diffusers"].is_null());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("peak RSS GB"));
+}
