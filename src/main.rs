@@ -35,6 +35,11 @@ use sd21::weights::ModelFiles;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for the CPU backend and the host work (default: RAYON_NUM_THREADS, else every
+    /// core this process may use).
+    #[arg(long, global = true, env = "SD21_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -229,7 +234,14 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     tracing::debug!(kept, "malloc keeps freed memory");
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(usize::from(threads))
+            .build_global()
+            .context("sizing the thread pool (--threads)")?;
+    }
+    match cli.command {
         Command::Download(args) => download(args),
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),

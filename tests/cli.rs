@@ -108,6 +108,38 @@ fn defaults_use_the_native_size_and_print_the_random_seed() {
     );
 }
 
+/// `--threads N` sizes the CPU pool (the run line names it), and gives the same image as the
+/// default pool: the work split changes, the arithmetic per element does not.
+#[test]
+fn threads_sizes_the_cpu_pool_and_keeps_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |threads: Option<&str>, name: &str| {
+        let out = dir.path().join(name);
+        let mut cmd = sd21();
+        if let Some(n) = threads {
+            cmd.args(["--threads", n]);
+        }
+        let result = cmd
+            .args(["generate", "--device", "cpu", "--model"])
+            .arg(tiny_model())
+            .args([
+                "--prompt", "a dog", "--steps", "2", "--seed", "3", "--output",
+            ])
+            .arg(&out)
+            .env_remove("SD21_THREADS")
+            .env_remove("RAYON_NUM_THREADS")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+        assert!(result.status.success(), "{stderr}");
+        (decode_png(&std::fs::read(&out).unwrap()).2, stderr)
+    };
+    let (one, stderr) = run(Some("1"), "one.png");
+    assert!(stderr.contains("cpu (1 threads)"), "{stderr}");
+    let (default, _) = run(None, "default.png");
+    assert_eq!(one, default);
+}
+
 #[test]
 fn bad_arguments_fail_with_a_message_not_a_panic() {
     let cases: &[&[&str]] = &[
