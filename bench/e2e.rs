@@ -83,8 +83,15 @@ pub fn e2e(opts: &E2eOpts) -> Result<Value> {
             }
         }
     }
+    // The same work: both sides' 3-step images of the last round, pixel by pixel.
+    let same_image = if with_torch {
+        image_difference(&out.join("sd21-3.png"), &out.join("diffusers-3.png"))?
+    } else {
+        Value::Null
+    };
     let _ = std::fs::remove_dir_all(&out);
     let report = json!({
+        "images_differ_by": same_image,
         "machine": crate::serve::machine(),
         "model": opts.model.display().to_string(),
         "scheduler": opts.scheduler,
@@ -186,6 +193,24 @@ fn measured(command: Command) -> Result<Run> {
     })
 }
 
+/// Mean and max absolute difference of two PNGs, in 1/255.
+fn image_difference(a: &Path, b: &Path) -> Result<Value> {
+    let read = |path: &Path| -> Result<Vec<u8>> {
+        Ok(image::open(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .to_rgb8()
+            .into_raw())
+    };
+    let (a, b) = (read(a)?, read(b)?);
+    if a.len() != b.len() || a.is_empty() {
+        bail!("the two sides' images differ in size");
+    }
+    let diffs: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).collect();
+    let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+    let max = diffs.iter().copied().max().unwrap_or(0);
+    Ok(json!({"mean": mean, "max": max}))
+}
+
 /// Median and min–max of wall time (3 steps), per step, fixed cost and peak RSS over the rounds.
 fn summary(rounds: &Rounds) -> Value {
     let spread = |values: Vec<f64>| {
@@ -205,15 +230,23 @@ fn summary(rounds: &Rounds) -> Value {
 }
 
 fn print_table(report: &Value) {
+    let size = match (report["width"].as_u64(), report["height"].as_u64()) {
+        (Some(w), Some(h)) => format!("{w}×{h}"),
+        _ => "native size".into(),
+    };
     println!(
-        "{} — {}, {}, {}×{}, {} rounds (median, min–max)",
+        "{} — {}, {}, {size}, {} rounds (median, min–max)",
         report["machine"].as_str().unwrap_or("?"),
         report["model"].as_str().unwrap_or("?"),
         report["scheduler"].as_str().unwrap_or("?"),
-        report["width"],
-        report["height"],
         report["rounds"]
     );
+    if let Some(mean) = report["images_differ_by"]["mean"].as_f64() {
+        println!(
+            "the two sides' 3-step images differ by mean {mean:.3}/255, max {}/255",
+            report["images_differ_by"]["max"]
+        );
+    }
     let cell = |v: &Value| {
         if v.is_null() {
             return "—".to_string();
