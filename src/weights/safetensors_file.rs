@@ -1,4 +1,6 @@
 //! One memory-mapped safetensors file: header parsed once, tensors converted to f32 on demand.
+//! Once a tensor is converted its pages are handed back (the copy is what the model keeps), so
+//! the process never holds a tensor twice: the file stays in the page cache, not in our RSS.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -77,10 +79,11 @@ impl SafeTensorsFile {
             }
         }
         let (start, end) = info.data_offsets;
+        let range = self.data_start + start..self.data_start + end;
         // `read_metadata` validated that the offsets lie inside the buffer.
         let bytes = self
             .mmap
-            .get(self.data_start + start..self.data_start + end)
+            .get(range.clone())
             .ok_or_else(|| Error::SafeTensors {
                 path: self.path.clone(),
                 message: format!("tensor `{name}` lies outside the file"),
@@ -106,9 +109,33 @@ impl SafeTensorsFile {
                 })
             }
         };
+        self.release(range);
         HostTensor::new(info.shape.clone(), data).map_err(|_| Error::SafeTensors {
             path: self.path.clone(),
             message: format!("tensor `{name}`: byte length does not match its shape"),
         })
+    }
+
+    /// Drops the mapped pages of `range` from this process (they stay in the page cache; a later
+    /// read faults them in again). Only a hint: a failure costs memory, never correctness.
+    fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        {
+            // SAFETY: the map is read-only and private and nothing borrows `range` now (its bytes
+            // were copied above); MADV_DONTNEED on never-written file pages only unmaps them, so
+            // a later read sees the same file contents. The range lies inside the map.
+            let released = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+            if let Err(e) = released {
+                tracing::debug!(path = %self.path.display(), error = %e, "madvise(DONTNEED) failed");
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = range;
     }
 }
