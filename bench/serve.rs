@@ -287,11 +287,7 @@ impl Server {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let addr: String = rest
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                        .collect();
+                if let Some(addr) = sd21::server::listening_address(&line) {
                     let _ = tx.send(addr);
                 }
             }
@@ -300,10 +296,9 @@ impl Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let addr = rx
+        server.addr = rx
             .recv_timeout(Duration::from_secs(600))
             .context("the server never said where it listens")?;
-        server.addr = addr.parse().context("the server's address")?;
         server.wait_ready()?;
         Ok(server)
     }

@@ -43,8 +43,8 @@ fn serve() -> (Killed, String) {
     let mut addr = None;
     for line in lines.by_ref() {
         let line = line.expect("server log");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            addr = Some(rest.split_whitespace().next().unwrap_or("").to_string());
+        if let Some(found) = sd21::server::listening_address(&line) {
+            addr = Some(found);
         }
         if line.contains("ready") && addr.is_some() {
             break;
@@ -53,10 +53,6 @@ fn serve() -> (Killed, String) {
     // Keep draining the log so the server never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     let addr = addr.expect("the server never said where it listens");
-    let addr: String = addr
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
     (Killed(child), format!("http://{addr}"))
 }
 

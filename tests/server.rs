@@ -214,11 +214,7 @@ impl Server {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let addr: String = rest
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                        .collect();
+                if let Some(addr) = sd21::server::listening_address(&line) {
                     let _ = tx.send(addr);
                 }
                 let mut log = thread_log.lock().unwrap();
@@ -227,7 +223,7 @@ impl Server {
             }
         });
         let addr = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(addr) => addr.parse().expect("address"),
+            Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -1359,10 +1355,10 @@ fn health_ready_and_metrics() {
         4.0,
         "{metrics}"
     );
-    assert!(
-        server.log().contains("path=\"/generate/\" status=200"),
-        "request log"
-    );
+    // The request's log line may follow its answer by a moment.
+    server.wait_until("the request log line", |s| {
+        s.log().contains("path=\"/generate/\" status=200")
+    });
 }
 
 #[test]

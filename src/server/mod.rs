@@ -99,6 +99,20 @@ impl Default for ServerConfig {
     }
 }
 
+/// What the start-up log line says before the address it listens on.
+const LISTENING_ON: &str = "listening on http://";
+
+/// The address in the server's start-up log line (`listening on http://…`), for whoever started
+/// it with `--port 0` (the bench, the tests).
+pub fn listening_address(log_line: &str) -> Option<std::net::SocketAddr> {
+    let rest = log_line.split(LISTENING_ON).nth(1)?;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    addr.parse().ok()
+}
+
 /// Binds `config.host:config.port` and serves until SIGTERM or SIGINT.
 pub async fn run(config: ServerConfig, load: ModelLoader) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))
@@ -135,7 +149,7 @@ pub async fn serve(
     .context("starting the engine thread")?;
     let engine = Arc::new(engine);
     let app = app(&config, engine.clone(), metrics.clone(), connections);
-    tracing::info!(?config, "listening on http://{addr}");
+    tracing::info!(?config, "{LISTENING_ON}{addr}");
 
     let startup_failure = Arc::new(Mutex::new(None::<String>));
     let stop = {
