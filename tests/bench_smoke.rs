@@ -7,6 +7,19 @@ fn bench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sd21-bench"))
 }
 
+/// Fails the test with the command's stderr unless it exited 0.
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 #[test]
 fn kernels_table_and_json_cover_every_op() {
     let dir = tempfile::tempdir().unwrap();
@@ -25,15 +38,10 @@ fn kernels_table_and_json_cover_every_op() {
         .arg(&json_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("ceilings: memory"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let report: serde_json::Value = read_json(&json_path);
     assert!(report["ceilings"]["memory_gbs"].as_f64().unwrap() > 0.0);
     assert!(report["ceilings"]["matrix_tflops"].as_f64().unwrap() > 0.0);
     let ops = report["ops"].as_array().unwrap();
@@ -80,13 +88,8 @@ fn pipeline_times_the_tiny_random_model() {
         .arg(&json_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    succeeded(&out);
+    let report: serde_json::Value = read_json(&json_path);
     for key in [
         "text_encode_s",
         "unet_step_s",
@@ -132,13 +135,8 @@ fn serve_load_table_covers_every_max_batch_and_client_count() {
         .arg(&json_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    succeeded(&out);
+    let report: serde_json::Value = read_json(&json_path);
     let rows = report["rows"].as_array().unwrap();
     let configs: Vec<(String, u64)> = rows
         .iter()
@@ -183,11 +181,7 @@ fn the_written_random_model_is_the_in_memory_one() {
         .arg(&model)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let png = dir.path().join("boat.png");
     let out = Command::new(env!("CARGO_BIN_EXE_sd21"))
         .args([
@@ -199,11 +193,7 @@ fn the_written_random_model_is_the_in_memory_one() {
         .arg(&png)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let written = image::open(&png).unwrap().to_rgb8().into_raw();
     let in_memory =
         sd21::demo::random_tiny(sd21::backend::cpu::CpuBackend::new(), "tiny".into()).unwrap();
@@ -247,13 +237,8 @@ fn e2e_reports_wall_time_per_step_fixed_cost_and_peak_rss() {
         .arg(&json_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    succeeded(&out);
+    let report: serde_json::Value = read_json(&json_path);
     let sd21 = &report["sd21"];
     for key in ["wall_3_steps_s", "per_step_s", "fixed_s"] {
         assert!(
