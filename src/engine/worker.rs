@@ -269,15 +269,17 @@ impl Worker<'_> {
             let state = &mut active.state;
             if !state.answered && state.images_to_run() == 0 {
                 let images: Option<Vec<GeneratedImage>> =
-                    state.images.iter_mut().map(Option::take).collect();
-                if let Some(images) = images {
-                    let output = JobOutput {
+                    std::mem::take(&mut state.images).into_iter().collect();
+                // Every row files its image or answers its job, so a gap is a bug: say so
+                // rather than leave the job waiting.
+                let result = images
+                    .map(|images| JobOutput {
                         images,
                         queued: state.queued,
                         generation: state.started.elapsed(),
-                    };
-                    finish(self.shared, state, Ok(output));
-                }
+                    })
+                    .ok_or_else(|| JobError::Failed("a batch lost one of the job's images".into()));
+                finish(self.shared, state, result);
             }
         }
         self.active.retain(|a| !a.state.answered);

@@ -369,19 +369,7 @@ impl<B: Backend> Pipeline<B> {
         let total = timesteps.len().saturating_sub(first_step);
         let mut context = b.upload(&stacked_contexts(live)?)?; // [Σ rows, 77, D]
         for (i, &t) in timesteps.iter().enumerate().skip(first_step) {
-            let mut input = Vec::new();
-            for row in live.iter() {
-                let rows = row.job.unet_rows();
-                let mut x = row.start.latents.repeat(rows); // [rows, C, h, w]
-                row.start.scheduler.scale_model_input(&mut x, i);
-                if let Masking::Condition(condition) = &row.start.masking {
-                    x = condition.unet_input(&x, rows); // [rows, 2C + 1, h, w]
-                }
-                input.extend(x);
-            }
-            let unet_rows: usize = live.iter().map(|r| r.job.unet_rows()).sum();
-            let c_in = input.len() / (unet_rows * h * w);
-            let input = HostTensor::new(vec![unet_rows, c_in, h, w], input)?.nchw_to_nhwc()?; // [Σ rows, h, w, C_in]
+            let input = unet_input(live, i, h, w)?; // [Σ rows, h, w, C_in]
             let out = self.evaluate_unet(&b.upload(&input)?, t, &context)?; // [Σ rows, h, w, C]
             let out = b.download(&out)?.nhwc_to_nchw()?.data; // [Σ rows, C, h, w]
             let n = c * h * w;
@@ -421,28 +409,8 @@ impl<B: Backend> Pipeline<B> {
                 .filter(|(k, _)| !failed.iter().any(|(f, _)| f == k))
                 .map(|(_, row)| row)
                 .collect();
-            let mut steps: Vec<StepRow<'_>> = running
-                .iter()
-                .map(|row| StepRow {
-                    row: row.row,
-                    progress: Progress {
-                        image: row.image,
-                        step: i + 1 - first_step,
-                        steps_per_image: total,
-                        images_at_once: running
-                            .iter()
-                            .filter(|other| std::ptr::eq(other.job, row.job))
-                            .count(),
-                        latents: Latents {
-                            data: &row.start.latents,
-                            channels: c,
-                            height: h,
-                            width: w,
-                        },
-                    },
-                    keep: true,
-                })
-                .collect();
+            let (done, shape) = (i + 1 - first_step, (c, h, w));
+            let mut steps = step_rows(&running, done, total, shape);
             on_step(&mut steps);
             let dropped: Vec<usize> = steps.iter().filter(|s| !s.keep).map(|s| s.row).collect();
             drop((steps, running));
@@ -467,6 +435,55 @@ impl<B: Backend> Pipeline<B> {
         }
         Ok(())
     }
+}
+
+/// The UNet input of step `i` for every live row, `[Σ rows, h, w, C_in]`: each row's latents
+/// repeated for guidance, scaled by its scheduler, with an inpainting model's mask channels.
+fn unet_input(live: &[LiveRow<'_>], i: usize, h: usize, w: usize) -> Result<HostTensor> {
+    let mut input = Vec::new();
+    for row in live {
+        let rows = row.job.unet_rows();
+        let mut x = row.start.latents.repeat(rows); // [rows, C, h, w]
+        row.start.scheduler.scale_model_input(&mut x, i);
+        if let Masking::Condition(condition) = &row.start.masking {
+            x = condition.unet_input(&x, rows); // [rows, 2C + 1, h, w]
+        }
+        input.extend(x);
+    }
+    let unet_rows: usize = live.iter().map(|r| r.job.unet_rows()).sum();
+    let c_in = input.len() / (unet_rows * h * w);
+    HostTensor::new(vec![unet_rows, c_in, h, w], input)?.nchw_to_nhwc() // [Σ rows, h, w, C_in]
+}
+
+/// The progress of each running row after `done` of `total` steps (`shape`: the latents' C, h, w).
+fn step_rows<'a>(
+    running: &[&'a LiveRow<'_>],
+    done: usize,
+    total: usize,
+    (channels, height, width): (usize, usize, usize),
+) -> Vec<StepRow<'a>> {
+    running
+        .iter()
+        .map(|row| StepRow {
+            row: row.row,
+            progress: Progress {
+                image: row.image,
+                step: done,
+                steps_per_image: total,
+                images_at_once: running
+                    .iter()
+                    .filter(|other| std::ptr::eq(other.job, row.job))
+                    .count(),
+                latents: Latents {
+                    data: &row.start.latents,
+                    channels,
+                    height,
+                    width,
+                },
+            },
+            keep: true,
+        })
+        .collect()
 }
 
 /// The text embeddings of every live row, stacked along the rows: `[Σ rows, 77, D]`.
