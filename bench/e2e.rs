@@ -110,30 +110,22 @@ fn sd21_command(opts: &E2eOpts, steps: usize, png: &Path) -> Result<Command> {
         None => std::env::current_exe()?.with_file_name("sd21"),
     };
     let mut cmd = Command::new(binary);
-    cmd.arg("generate")
-        .arg("--model")
-        .arg(&opts.model)
-        .args(["--prompt", PROMPT, "--seed", SEED, "--device", "cpu"])
-        .args([
-            "--steps",
-            &steps.to_string(),
-            "--scheduler",
-            &opts.scheduler,
-        ])
-        .arg("--output")
-        .arg(png);
-    size_args(&mut cmd, opts);
-    if let Some(threads) = opts.threads {
-        cmd.env("RAYON_NUM_THREADS", threads.to_string());
-    }
+    cmd.args(["generate", "--device", "cpu"]);
+    generation_args(&mut cmd, opts, steps, png);
     Ok(cmd)
 }
 
 fn diffusers_command(opts: &E2eOpts, steps: usize, png: &Path) -> Command {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/diffusers_generate.py");
     let mut cmd = Command::new(&opts.python);
-    cmd.arg(script)
-        .arg("--model")
+    cmd.arg(script);
+    generation_args(&mut cmd, opts, steps, png);
+    cmd
+}
+
+/// The flags both sides take alike (diffusers_generate.py mirrors `sd21 generate`'s).
+fn generation_args(cmd: &mut Command, opts: &E2eOpts, steps: usize, png: &Path) {
+    cmd.arg("--model")
         .arg(&opts.model)
         .args(["--prompt", PROMPT, "--seed", SEED])
         .args([
@@ -144,19 +136,15 @@ fn diffusers_command(opts: &E2eOpts, steps: usize, png: &Path) -> Command {
         ])
         .arg("--output")
         .arg(png);
-    size_args(&mut cmd, opts);
-    if let Some(threads) = opts.threads {
-        cmd.args(["--threads", &threads.to_string()]);
-    }
-    cmd
-}
-
-fn size_args(cmd: &mut Command, opts: &E2eOpts) {
-    if let Some(width) = opts.width {
-        cmd.args(["--width", &width.to_string()]);
-    }
-    if let Some(height) = opts.height {
-        cmd.args(["--height", &height.to_string()]);
+    let optional = [
+        ("--width", opts.width),
+        ("--height", opts.height),
+        ("--threads", opts.threads),
+    ];
+    for (flag, value) in optional {
+        if let Some(value) = value {
+            cmd.args([flag, &value.to_string()]);
+        }
     }
 }
 
@@ -167,12 +155,6 @@ fn measured(command: Command) -> Result<Run> {
         .arg("-v")
         .arg(command.get_program())
         .args(command.get_args());
-    for (key, value) in command.get_envs() {
-        match value {
-            Some(value) => timed.env(key, value),
-            None => timed.env_remove(key),
-        };
-    }
     let started = Instant::now();
     let out = timed
         .output()

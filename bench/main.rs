@@ -122,7 +122,7 @@ enum BenchCommand {
         height: Option<usize>,
         #[arg(long, default_value = "pndm")]
         scheduler: String,
-        /// Threads of both sides (RAYON_NUM_THREADS, torch.set_num_threads); default: all.
+        /// Threads of both sides (each one's --threads); default: all.
         #[arg(long)]
         threads: Option<usize>,
         #[arg(long)]

@@ -1542,6 +1542,18 @@ fn job_events(addr: SocketAddr, id: &str, last_event_id: Option<u64>) -> Vec<Sse
         .collect()
 }
 
+/// `(image, step)` of each `step` event, in order.
+fn step_events(events: &[Sse]) -> Vec<(u64, u64)> {
+    events
+        .iter()
+        .filter(|e| e.event == "step")
+        .map(|e| {
+            let p = &e.data["progress"];
+            (p["image"].as_u64().unwrap(), p["step"].as_u64().unwrap())
+        })
+        .collect()
+}
+
 fn create_job(addr: SocketAddr, body: &Value) -> Reply {
     send(
         addr,
@@ -1585,14 +1597,7 @@ fn a_job_reports_its_progress_over_sse_and_ends_with_the_sync_routes_images() {
         assert_eq!(e.data["type"], e.event.as_str(), "{:?}", e.data);
         assert_eq!(e.data["event_id"], e.id);
     }
-    let steps: Vec<(u64, u64)> = events
-        .iter()
-        .filter(|e| e.event == "step")
-        .map(|e| {
-            let p = &e.data["progress"];
-            (p["image"].as_u64().unwrap(), p["step"].as_u64().unwrap())
-        })
-        .collect();
+    let steps = step_events(&events);
     assert_eq!(
         steps,
         [
@@ -1770,14 +1775,7 @@ fn queued_jobs_run_as_one_batch_and_each_image_equals_its_request_alone() {
     for (id, body) in ids.iter().zip(&bodies) {
         let events = job_events(server.addr, id, None);
         assert_eq!(events.last().unwrap().event, "done", "{:?}", events.last());
-        let steps: Vec<(u64, u64)> = events
-            .iter()
-            .filter(|e| e.event == "step")
-            .map(|e| {
-                let p = &e.data["progress"];
-                (p["image"].as_u64().unwrap(), p["step"].as_u64().unwrap())
-            })
-            .collect();
+        let steps = step_events(&events);
         assert_eq!(steps, [(0, 1), (0, 2), (0, 3)], "{body}");
         let status = get(server.addr, &format!("/jobs/{id}"), &[]).json();
         let alone = generate(server.addr, Some("application/json"), body).json();
