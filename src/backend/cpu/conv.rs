@@ -7,11 +7,12 @@
 //! block of output pixels at a time (at most `IM2COL_BUDGET` floats, whatever the image size),
 //! filled in parallel, then runs one GEMM per block on the whole rayon pool. The output is
 //! initialised with `residual + bias` and the GEMMs accumulate into it: bias and residual cost no
-//! extra pass.
+//! extra pass. 3×3 stride-1 padding-1 convolutions large enough to pay for it go to `winograd`.
 
 use rayon::prelude::*;
 
 use super::gemm::{init_output, matmul, MatRef, Par};
+use super::winograd;
 use super::CpuTensor;
 use crate::backend::contract::Conv2d;
 use crate::Result;
@@ -21,6 +22,9 @@ use crate::Result;
 const IM2COL_BUDGET: usize = 4 << 20;
 
 pub(super) fn conv2d(op: Conv2d<'_, CpuTensor>) -> Result<CpuTensor> {
+    if winograd::applies(&op) {
+        return winograd::conv3x3(op);
+    }
     let (x, weight, bias, residual) = (op.x, op.weight, op.bias, op.residual);
     let (h, w, ci, co) = (op.in_h, op.in_w, op.c_in, op.c_out);
     let (kh, kw, stride, padding) = (op.kernel_h, op.kernel_w, op.stride, op.padding);

@@ -18,6 +18,7 @@ mod linear;
 mod math;
 mod memory;
 mod norm;
+mod winograd;
 
 pub use memory::keep_freed_memory;
 
