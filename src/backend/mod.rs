@@ -33,6 +33,9 @@ pub trait Backend: Send + Sync {
 
     /// Copies host data to the device.
     fn upload(&self, host: &HostTensor) -> Result<Self::Tensor>;
+    /// Moves host data to the device: the CPU backend keeps the buffer itself (no copy), which is
+    /// what loading weights wants.
+    fn upload_owned(&self, host: HostTensor) -> Result<Self::Tensor>;
     /// Copies a tensor back to host memory as f32.
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
     /// Same storage, new shape with the same element count.
@@ -129,6 +132,10 @@ pub trait Compute: Send + Sync {
     fn describe(&self) -> String;
     /// `host` holds exactly its shape's element count.
     fn upload(&self, host: &HostTensor) -> Result<Self::Tensor>;
+    /// As `upload`, owning `host` (a backend that can keep the buffer overrides this).
+    fn upload_owned(&self, host: HostTensor) -> Result<Self::Tensor> {
+        self.upload(&host)
+    }
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
     /// `t`'s storage with `shape`, which has `t`'s element count.
     fn view(&self, t: &Self::Tensor, shape: Vec<usize>) -> Self::Tensor;
@@ -169,6 +176,11 @@ impl<C: Compute> Backend for C {
     fn upload(&self, host: &HostTensor) -> Result<C::Tensor> {
         contract::upload(host)?;
         Compute::upload(self, host)
+    }
+
+    fn upload_owned(&self, host: HostTensor) -> Result<C::Tensor> {
+        contract::upload(&host)?;
+        Compute::upload_owned(self, host)
     }
 
     fn download(&self, t: &C::Tensor) -> Result<HostTensor> {

@@ -198,7 +198,7 @@ impl<'a, B: Backend> WeightScope<'a, B> {
 
     /// `name` on the backend, which must have exactly `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
-        self.backend.upload(&self.host(name, shape)?)
+        self.backend.upload_owned(self.host(name, shape)?)
     }
 
     /// A linear weight `[out, in]`; a 1×1 convolution weight `[out, in, 1, 1]` is accepted too
@@ -212,24 +212,59 @@ impl<'a, B: Backend> WeightScope<'a, B> {
                 .reshape(vec![out, inp])?,
             _ => self.file.get(&full, Some(&[out, inp]))?,
         };
-        self.backend.upload(&host)
+        self.backend.upload_owned(host)
     }
 
     /// A convolution weight stored OIHW `[out, in, k, k]`, uploaded as OHWI `[out, k, k, in]`.
     pub fn conv_weight(&self, name: &str, out: usize, inp: usize, k: usize) -> Result<B::Tensor> {
-        let oihw = self.host(name, &[out, inp, k, k])?;
-        let mut ohwi = vec![0.0f32; oihw.numel()];
+        let mut weight = self.host(name, &[out, inp, k, k])?;
+        oihw_to_ohwi(&mut weight.data, inp, k * k);
+        self.backend
+            .upload_owned(HostTensor::new(vec![out, k, k, inp], weight.data)?)
+    }
+}
+
+/// Transposes each output channel's `[inp, taps]` block of an OIHW weight to `[taps, inp]` in
+/// place (OIHW → OHWI), one output channel per rayon task; `data` holds whole blocks.
+fn oihw_to_ohwi(data: &mut [f32], inp: usize, taps: usize) {
+    use rayon::prelude::*;
+    if taps == 1 {
+        return; // a 1×1 kernel: OIHW is already OHWI
+    }
+    data.par_chunks_mut(inp * taps).for_each_init(
+        || vec![0.0f32; inp * taps],
+        |scratch, block| {
+            scratch.copy_from_slice(block);
+            for (i, taps_of_i) in scratch.chunks_exact(taps).enumerate() {
+                for (t, &v) in taps_of_i.iter().enumerate() {
+                    block[t * inp + i] = v;
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oihw_to_ohwi_moves_every_value_to_its_nhwc_place() {
+        let (out, inp, k) = (3, 5, 3);
+        let oihw: Vec<f32> = (0..out * inp * k * k).map(|v| v as f32).collect();
+        let mut ohwi = oihw.clone();
+        oihw_to_ohwi(&mut ohwi, inp, k * k);
         for o in 0..out {
             for i in 0..inp {
                 for y in 0..k {
                     for x in 0..k {
-                        ohwi[((o * k + y) * k + x) * inp + i] =
-                            oihw.data[((o * inp + i) * k + y) * k + x];
+                        assert_eq!(
+                            ohwi[((o * k + y) * k + x) * inp + i],
+                            oihw[((o * inp + i) * k + y) * k + x]
+                        );
                     }
                 }
             }
         }
-        self.backend
-            .upload(&HostTensor::new(vec![out, k, k, inp], ohwi)?)
     }
 }

@@ -113,6 +113,10 @@ impl Compute for CpuBackend {
         CpuTensor::from_host(host)
     }
 
+    fn upload_owned(&self, host: HostTensor) -> Result<CpuTensor> {
+        CpuTensor::new(host.shape, host.data)
+    }
+
     fn download(&self, t: &CpuTensor) -> Result<HostTensor> {
         Ok(t.to_host())
     }
