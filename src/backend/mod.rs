@@ -31,6 +31,9 @@ pub trait Backend: Send + Sync {
     /// A short description of the device, for logs (`cpu (2 threads)`).
     fn describe(&self) -> String;
 
+    /// Bytes the backend could still allocate (the host's available memory, or the device's free
+    /// memory), where it can tell.
+    fn available_memory(&self) -> Option<u64>;
     /// Copies host data to the device.
     fn upload(&self, host: &HostTensor) -> Result<Self::Tensor>;
     /// Moves host data to the device: the CPU backend keeps the buffer itself (no copy), which is
@@ -130,6 +133,10 @@ pub trait Compute: Send + Sync {
     type Tensor: Tensor;
 
     fn describe(&self) -> String;
+    /// See [`Backend::available_memory`].
+    fn available_memory(&self) -> Option<u64> {
+        None
+    }
     /// `host` holds exactly its shape's element count.
     fn upload(&self, host: &HostTensor) -> Result<Self::Tensor>;
     /// As `upload`, owning `host` (a backend that can keep the buffer overrides this).
@@ -171,6 +178,10 @@ impl<C: Compute> Backend for C {
 
     fn describe(&self) -> String {
         Compute::describe(self)
+    }
+
+    fn available_memory(&self) -> Option<u64> {
+        Compute::available_memory(self)
     }
 
     fn upload(&self, host: &HostTensor) -> Result<C::Tensor> {

@@ -1,4 +1,5 @@
-//! The process's malloc settings for the CPU backend: freed activation buffers stay in the process.
+//! The CPU backend's memory: glibc's malloc settings (freed activation buffers stay in the
+//! process), and how much the host has left.
 //!
 //! Every op allocates its output (tens to hundreds of MB at 512²) and frees its inputs. glibc
 //! serves blocks over 128 KiB with `mmap` and unmaps them on `free`, so each op paid one page
@@ -40,4 +41,13 @@ mod tests {
             assert_eq!(v.len(), 64 << 20);
         }
     }
+}
+
+/// The kernel's estimate of memory available to new allocations without swapping
+/// (`MemAvailable` in `/proc/meminfo`); `None` where there is no such file.
+pub fn available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }

@@ -113,6 +113,10 @@ impl Compute for CpuBackend {
         CpuTensor::from_host(host)
     }
 
+    fn available_memory(&self) -> Option<u64> {
+        memory::available_bytes()
+    }
+
     fn upload_owned(&self, host: HostTensor) -> Result<CpuTensor> {
         CpuTensor::new(host.shape, host.data)
     }

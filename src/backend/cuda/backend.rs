@@ -494,6 +494,11 @@ impl Compute for CudaBackend {
         self.description.clone()
     }
 
+    fn available_memory(&self) -> Option<u64> {
+        let (free, _total) = self.ctx.mem_get_info().ok()?;
+        u64::try_from(free).ok()
+    }
+
     fn upload(&self, host: &HostTensor) -> Result<CudaTensor> {
         self.op_done("upload", transfer::upload(self, host))
     }
