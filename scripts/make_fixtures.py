@@ -587,6 +587,50 @@ def ref_img2img(pipe):
     write_json(os.path.join(REF_DIR, "img2img.json"), meta)
 
 
+
+VAE_TILING_IMG2IMG = dict(scheduler="ddim", strength=0.75, steps=3, width=136, height=104)
+
+
+def ref_vae_tiling(pipe):
+    """AutoencoderKL with enable_tiling() on the tiny VAE (sample_size 64: 8-latent tiles): raw
+    tiled decodes, a tiled encode's posterior, and a whole img2img with tiling on both passes."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import StableDiffusionImg2ImgPipeline
+    vae = pipe.vae
+    g = torch.Generator("cpu").manual_seed(400)
+    out = {}
+    vae.enable_tiling()
+    with torch.no_grad():
+        for case, (h, w) in (("a", (20, 13)), ("b", (8, 12))):
+            lat = torch.randn(1, 4, h, w, generator=g) / vae.config.scaling_factor
+            out.update({f"decode_{case}_latents": lat, f"decode_{case}_image": vae.decode(lat).sample})
+        image = torch.rand(1, 3, 104, 136, generator=g) * 2 - 1
+        dist = vae.encode(image).latent_dist
+        out.update({"encode_image": image, "encode_mean": dist.mean, "encode_std": dist.std})
+        # the same passes untiled, to show the tiles change the result (the test needs them to)
+        vae.disable_tiling()
+        untiled = vae.decode(out["decode_a_latents"]).sample
+        vae.enable_tiling()
+    print(f"  tiled vs untiled decode, case a: max |diff| {(untiled - out['decode_a_image']).abs().max():.4f}")
+    c = VAE_TILING_IMG2IMG
+    init = (torch.rand(c["height"], c["width"], 3, generator=g) * 255).round().to(torch.uint8)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    img2img.scheduler = load_scheduler(c["scheduler"], prediction_type="epsilon")
+    img = img2img(PROMPT, image=Image.fromarray(init.numpy()), strength=c["strength"],
+                  num_inference_steps=c["steps"], guidance_scale=7.5, negative_prompt=NEGATIVE,
+                  output_type="np", generator=torch.Generator("cpu").manual_seed(IMAGE_SEED)).images[0]
+    vae.disable_tiling()
+    out["img2img_init"] = init
+    out["img2img_image"] = torch.from_numpy(np.round(img * 255.0).astype(np.uint8))
+    print(f"  tiled img2img {c['width']}x{c['height']}: pixel std {image_stats(img)['std']:.3f}")
+    save_st("vae_tiling.safetensors", out)
+    write_json(os.path.join(REF_DIR, "vae_tiling.json"),
+               dict(c, name="tiled", prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5,
+                    seed=IMAGE_SEED))
+
+
 INPAINT_CASES = [("ddim", 1.0), ("euler_a", 1.0), ("dpmpp_2m", 0.75), ("pndm", 1.0)]
 
 
@@ -782,6 +826,8 @@ def main():
         ref_img2img(load_pipeline())
     if "inpaint" in stages:  # likewise (needs images.safetensors)
         ref_inpaint(load_pipeline())
+    if "vae_tiling" in stages:  # likewise
+        ref_vae_tiling(load_pipeline())
     if "inpainting_model" in stages:  # the 9-channel model folder
         save_inpainting_model()
     if "inpainting_reference" in stages:  # likewise alone (needs inpaint.safetensors)
@@ -795,6 +841,7 @@ def main():
         ref_unet(pipe)
         ref_vae(pipe)
         ref_vae_encoder(pipe)
+        ref_vae_tiling(pipe)
         ref_latents()
         check_randn_model()
         ref_schedulers()

@@ -226,8 +226,9 @@ pub struct VaeConfig {
     /// The encoder's 1×1 conv on the moments (diffusers' default: present).
     #[serde(default = "default_true")]
     pub use_quant_conv: bool,
-    #[serde(default)]
-    pub sample_size: Option<usize>,
+    /// The pixel side of one tile when the VAE tiles (diffusers' `tile_sample_min_size`).
+    #[serde(default = "default_vae_sample_size")]
+    pub sample_size: usize,
     #[serde(default)]
     pub up_block_types: Vec<String>,
 }
@@ -250,6 +251,11 @@ impl VaeConfig {
         1 << self.block_out_channels.len().saturating_sub(1)
     }
 
+    /// The latent side of one tile when the VAE tiles (diffusers' `tile_latent_min_size`).
+    pub fn latent_tile(&self) -> usize {
+        self.sample_size / self.latent_factor()
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.block_out_channels.is_empty() {
             return Err(Error::Config("vae: block_out_channels is empty".into()));
@@ -261,6 +267,12 @@ impl VaeConfig {
                     self.norm_num_groups
                 )));
             }
+        }
+        if self.latent_tile() < 2 {
+            return Err(Error::Config(format!(
+                "vae: sample_size {} leaves tiles under 2 latent rows",
+                self.sample_size
+            )));
         }
         if self.scaling_factor == 0.0 || !self.scaling_factor.is_finite() {
             return Err(Error::Config(format!(
@@ -375,6 +387,11 @@ fn default_norm_eps() -> f32 {
 fn default_true() -> bool {
     true
 }
+/// `AutoencoderKL`'s default `sample_size`.
+fn default_vae_sample_size() -> usize {
+    32
+}
+
 fn default_unet_sample_size() -> usize {
     64
 }

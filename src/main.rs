@@ -17,6 +17,7 @@ use sd21::backend::{selftest, Device};
 use sd21::demo::{load_demo, DEMO_MODEL};
 use sd21::engine::ModelInfo;
 use sd21::image_io::{load_image, resize, save_png, RgbImage};
+use sd21::model::VaeTiling;
 use sd21::pipeline::{
     load_on_device, GeneratedImage, GenerationRequest, ImageGenerator, ModelConfigs, Progress,
     Start,
@@ -153,9 +154,31 @@ struct GenerateArgs {
     /// cuda:N.
     #[arg(long, default_value = "auto")]
     device: Device,
+    #[command(flatten)]
+    vae: VaeArgs,
     /// Output PNG; with several images, FILE-0.png, FILE-1.png, …
     #[arg(long)]
     output: PathBuf,
+}
+
+/// How the VAE tiles, for every command that generates.
+#[derive(clap::Args, Clone, Copy)]
+struct VaeArgs {
+    /// Decode (and encode) in overlapping tiles of the VAE's sample_size, blended at the seams
+    /// (diffusers' enable_vae_tiling()), for any image larger than one tile. Without it, tiles
+    /// are used only where the whole image would not fit in the available memory.
+    #[arg(long, env = "SD21_VAE_TILING")]
+    vae_tiling: bool,
+}
+
+impl VaeArgs {
+    fn tiling(self) -> VaeTiling {
+        if self.vae_tiling {
+            VaeTiling::Always
+        } else {
+            VaeTiling::Auto
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -181,6 +204,8 @@ struct ServeArgs {
     /// cuda:N.
     #[arg(long, env = "SD21_DEVICE", default_value = "auto")]
     device: Device,
+    #[command(flatten)]
+    vae: VaeArgs,
     /// Requests that may wait while one runs; more are answered 429 at once.
     #[arg(long, env = "SD21_QUEUE_SIZE", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -268,7 +293,7 @@ fn selftest(args: SelftestArgs) -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let device = args.device;
+    let (device, vae_tiling) = (args.device, args.vae.tiling());
     // The engine thread loads the model, so /health answers while it loads.
     let load: sd21::engine::ModelLoader = if args.model == DEMO_MODEL {
         Box::new(move || load_demo(device))
@@ -277,7 +302,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let files = ModelFiles::locate(&model_dir)?;
         Box::new(move || {
             tracing::info!(model = %model_dir.display(), %device, "loading the model");
-            load_on_device(&files, device)
+            load_on_device(&files, device, vae_tiling)
         })
     };
     let config = ServerConfig {
@@ -457,7 +482,7 @@ fn load_pipeline(
     args: &GenerateArgs,
     request: &GenerationRequest,
 ) -> Result<Box<dyn ImageGenerator>> {
-    let pipeline = load_on_device(files, args.device)
+    let pipeline = load_on_device(files, args.device, args.vae.tiling())
         .with_context(|| format!("loading {} on {}", files.root.display(), args.device))?;
     eprintln!(
         "seed {}, {}×{}, {} steps, {}, cfg {}, on {}",

@@ -3,7 +3,8 @@
 //!
 //! Tolerances (f32 on both sides, different summation orders):
 //! every component |diff| ≤ 2e-5 + 1e-4·|ref| (seen: max 1.6e-6 text encoder, 4.1e-6 UNet, 1.7e-6 VAE);
-//! the VAE encoder's posterior mean, std and seeded sample likewise.
+//! the VAE encoder's posterior mean, std and seeded sample likewise; the tiled VAE decode and
+//! encode (diffusers' `enable_tiling()`) likewise.
 
 mod common;
 
@@ -11,7 +12,7 @@ use common::*;
 use sd21::backend::cpu::CpuBackend;
 use sd21::backend::Backend;
 use sd21::config::{self, ClipTextConfig, UnetConfig, VaeConfig};
-use sd21::model::{ClipTextModel, Unet, VaeDecoder, VaeEncoder};
+use sd21::model::{ClipTextModel, Unet, VaeDecoder, VaeEncoder, VaeTiling};
 use sd21::sampling::rng::TorchGenerator;
 use sd21::weights::{ModelFiles, SafeTensorsFile, WeightScope};
 
@@ -117,8 +118,10 @@ fn vae_encoder_posterior_and_its_sample_match_diffusers() {
     let reference_file = SafeTensorsFile::open(&reference("vae_encoder.safetensors")).unwrap();
     for case in ["a", "b"] {
         let image = read_tensor(&reference_file, &format!("{case}_image"));
-        let image = backend.upload(&image.nchw_to_nhwc().unwrap()).unwrap();
-        let posterior = encoder.posterior(&backend, &image).unwrap();
+        let image = image.nchw_to_nhwc().unwrap();
+        let posterior = encoder
+            .posterior(&backend, &image, VaeTiling::Auto)
+            .unwrap();
         for (what, ours) in [("mean", &posterior.mean), ("std", &posterior.std)] {
             let expected = read_tensor(&reference_file, &format!("{case}_{what}"));
             assert_eq!(ours.shape, expected.shape, "case {case} {what}");
@@ -131,4 +134,58 @@ fn vae_encoder_posterior_and_its_sample_match_diffusers() {
         let label = format!("vae encoder case {case} sample");
         assert_close(&label, &sample.data, &expected.data, 2e-5, 1e-4);
     }
+}
+
+#[test]
+fn tiled_vae_decode_matches_diffusers_enable_tiling() {
+    let files = files();
+    let backend = CpuBackend::new();
+    let cfg: VaeConfig = config::read_json(&files.vae_config).unwrap();
+    let weights = SafeTensorsFile::open(&files.vae_weights).unwrap();
+    let vae = VaeDecoder::load(&WeightScope::new(&weights, &backend), &cfg).unwrap();
+    let reference_file = SafeTensorsFile::open(&reference("vae_tiling.safetensors")).unwrap();
+    for case in ["a", "b"] {
+        let latents = read_tensor(&reference_file, &format!("decode_{case}_latents"));
+        let expected = read_tensor(&reference_file, &format!("decode_{case}_image"));
+        let latents = latents.nchw_to_nhwc().unwrap();
+        let decode = |tiling| {
+            let out = vae.decode_host(&backend, &latents, tiling).unwrap();
+            out.nhwc_to_nchw().unwrap()
+        };
+        let tiled = decode(VaeTiling::Always);
+        assert_eq!(tiled.shape, expected.shape, "case {case}");
+        let label = format!("tiled vae decode case {case}");
+        assert_close(&label, &tiled.data, &expected.data, 2e-5, 1e-4);
+        // The fixture is only a test of tiling where the seams change the image.
+        let whole = decode(VaeTiling::Auto);
+        let (moved, _) = diff(&whole.data, &expected.data);
+        assert!(moved > 1e-3, "case {case}: untiled within {moved} of tiled");
+    }
+}
+
+#[test]
+fn tiled_vae_encode_matches_diffusers_enable_tiling() {
+    let files = files();
+    let backend = CpuBackend::new();
+    let cfg: VaeConfig = config::read_json(&files.vae_config).unwrap();
+    let weights = SafeTensorsFile::open(&files.vae_weights).unwrap();
+    let encoder = VaeEncoder::load(&WeightScope::new(&weights, &backend), &cfg).unwrap();
+    let reference_file = SafeTensorsFile::open(&reference("vae_tiling.safetensors")).unwrap();
+    let image = read_tensor(&reference_file, "encode_image");
+    let image = image.nchw_to_nhwc().unwrap();
+    let posterior = encoder
+        .posterior(&backend, &image, VaeTiling::Always)
+        .unwrap();
+    for (what, ours) in [("mean", &posterior.mean), ("std", &posterior.std)] {
+        let expected = read_tensor(&reference_file, &format!("encode_{what}"));
+        assert_eq!(ours.shape, expected.shape, "{what}");
+        let label = format!("tiled vae encode {what}");
+        assert_close(&label, &ours.data, &expected.data, 2e-5, 1e-4);
+    }
+    let whole = encoder
+        .posterior(&backend, &image, VaeTiling::Auto)
+        .unwrap();
+    let expected = read_tensor(&reference_file, "encode_mean");
+    let (moved, _) = diff(&whole.mean.data, &expected.data);
+    assert!(moved > 1e-3, "untiled mean within {moved} of tiled");
 }

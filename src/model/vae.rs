@@ -5,6 +5,8 @@
 use crate::backend::{Activation, Backend, Tensor};
 use crate::config::VaeConfig;
 use crate::model::layers::{Attention, Conv2d, GroupNorm, ResnetBlock2D};
+use crate::model::vae_tiling::{run_tiled, untiled_working_set, TileGeometry, VaeTiling};
+use crate::tensor::HostTensor;
 use crate::weights::WeightScope;
 use crate::{Error, Result};
 
@@ -137,6 +139,24 @@ impl<B: Backend> VaeDecoder<B> {
 
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// [`VaeDecoder::decode`] of host latents `[B, h, w, C_lat]`, in tiles where `tiling`
+    /// applies (diffusers' `tiled_decode`).
+    pub fn decode_host(&self, b: &B, z: &HostTensor, tiling: VaeTiling) -> Result<HostTensor> {
+        let decode = |z: &HostTensor| b.download(&self.decode(b, &b.upload(z)?)?);
+        let geometry = TileGeometry::decode(&self.config);
+        let f = self.config.latent_factor();
+        let c = &self.config.block_out_channels;
+        // Full resolution holds the last up block's input (c[1] channels) and its own (c[0]).
+        let widest = c.iter().take(2).copied().max().unwrap_or(0);
+        let batch_pixels = z.numel() / self.config.latent_channels.max(1) * f * f;
+        let working_set = untiled_working_set(batch_pixels, widest);
+        if tiling.applies(&geometry, z, working_set, b.available_memory()) {
+            run_tiled(z, &geometry, decode) // [B, H, W, 3]
+        } else {
+            decode(z) // [B, H, W, 3]
+        }
     }
 
     /// `z [B, h, w, C_lat]` (already divided by `scaling_factor`) → image `[B, h·f, w·f, 3]` in

@@ -6,6 +6,7 @@ use super::vae::{VaeMidBlock, VAE_NORM_EPS};
 use crate::backend::{Activation, Backend, Padding};
 use crate::config::VaeConfig;
 use crate::model::layers::{Conv2d, GroupNorm, ResnetBlock2D};
+use crate::model::vae_tiling::{run_tiled, untiled_working_set, TileGeometry, VaeTiling};
 use crate::sampling::rng::TorchGenerator;
 use crate::tensor::HostTensor;
 use crate::weights::WeightScope;
@@ -24,7 +25,7 @@ pub struct VaeEncoder<B: Backend> {
     conv_norm_out: GroupNorm<B>,
     conv_out: Conv2d<B>,
     quant_conv: Option<Conv2d<B>>,
-    latent_channels: usize,
+    config: VaeConfig,
 }
 
 impl<B: Backend> VaeEncoder<B> {
@@ -78,7 +79,7 @@ impl<B: Backend> VaeEncoder<B> {
             conv_norm_out: GroupNorm::load(&e.pp("conv_norm_out"), top, groups, VAE_NORM_EPS)?,
             conv_out: Conv2d::load(&e.pp("conv_out"), top, 2 * lat, 3, 1, 1)?,
             quant_conv,
-            latent_channels: lat,
+            config: config.clone(),
         })
     }
 
@@ -109,10 +110,19 @@ impl<B: Backend> VaeEncoder<B> {
         }
     }
 
-    /// The posterior of `image` (see [`VaeEncoder::encode`]), on the host.
-    pub fn posterior(&self, b: &B, image: &B::Tensor) -> Result<Posterior> {
-        let moments = b.download(&self.encode(b, image)?)?;
-        Posterior::from_moments(&moments, self.latent_channels)
+    /// The posterior of host `image [B, H, W, 3]` (see [`VaeEncoder::encode`]), its moments
+    /// encoded in tiles where `tiling` applies (diffusers' `_tiled_encode`).
+    pub fn posterior(&self, b: &B, image: &HostTensor, tiling: VaeTiling) -> Result<Posterior> {
+        let encode = |image: &HostTensor| b.download(&self.encode(b, &b.upload(image)?)?);
+        let geometry = TileGeometry::encode(&self.config);
+        let channels = self.config.block_out_channels.first().copied().unwrap_or(0);
+        let working_set = untiled_working_set(image.numel() / 3, channels);
+        let moments = if tiling.applies(&geometry, image, working_set, b.available_memory()) {
+            run_tiled(image, &geometry, encode)? // [B, h, w, 2·C_lat]
+        } else {
+            encode(image)? // [B, h, w, 2·C_lat]
+        };
+        Posterior::from_moments(&moments, self.config.latent_channels)
     }
 }
 

@@ -179,9 +179,9 @@ impl<B: Backend> Pipeline<B> {
         }
         let first_step = img2img_first_step(request.steps, strength)?;
         let b = &self.backend;
-        let image = b.upload(&pixels_to_unit_range(init)?)?; // [1, H, W, 3] in [-1, 1]
+        let image = pixels_to_unit_range(init)?; // [1, H, W, 3] in [-1, 1]
         Ok(StartInputs::Image {
-            posterior: encoder.posterior(b, &image)?, // [1, C, h, w] each
+            posterior: encoder.posterior(b, &image, self.vae_tiling)?, // [1, C, h, w] each
             first_step,
         })
     }
@@ -215,11 +215,11 @@ impl<B: Backend> Pipeline<B> {
         let image_posterior = if conditioned && from_noise {
             None
         } else {
-            Some(encoder.posterior(b, &b.upload(&init)?)?) // [1, C, h, w] each
+            Some(encoder.posterior(b, &init, self.vae_tiling)?) // [1, C, h, w] each
         };
         let masked_posterior = if conditioned {
             let masked = masked_image(&init, &binary)?; // [1, H, W, 3]
-            Some(encoder.posterior(b, &b.upload(&masked)?)?)
+            Some(encoder.posterior(b, &masked, self.vae_tiling)?)
         } else {
             None
         };

@@ -12,7 +12,7 @@ use crate::backend::{Backend, Device, OpenedBackend, RecordedFn};
 use crate::config::{self, ClipTextConfig, SchedulerConfig, UnetConfig, VaeConfig};
 use crate::engine::ModelInfo;
 use crate::image_io::RgbImage;
-use crate::model::{ClipTextModel, Unet, VaeDecoder, VaeEncoder};
+use crate::model::{ClipTextModel, Unet, VaeDecoder, VaeEncoder, VaeTiling};
 use crate::request::ValidationError;
 use crate::sampling::rng::TorchGenerator;
 use crate::sampling::{build_scheduler, Scheduler, SchedulerKind};
@@ -140,6 +140,8 @@ pub struct Pipeline<B: Backend> {
     vae: VaeDecoder<B>,
     /// Present when the VAE's weights hold the encoder (img2img needs it).
     vae_encoder: Option<VaeEncoder<B>>,
+    /// When the VAE decodes and encodes in tiles.
+    vae_tiling: VaeTiling,
     scheduler_config: SchedulerConfig,
     model_name: String,
 }
@@ -222,9 +224,16 @@ impl<B: Backend> Pipeline<B> {
             unet,
             vae,
             vae_encoder,
+            vae_tiling: VaeTiling::default(),
             scheduler_config,
             model_name,
         })
+    }
+
+    /// Tiles the VAE's passes as `tiling` says from now on.
+    pub fn with_vae_tiling(mut self, tiling: VaeTiling) -> Self {
+        self.vae_tiling = tiling;
+        self
     }
 
     /// Runs every UNet evaluation through `recorder` from now on.
@@ -455,7 +464,7 @@ impl<B: Backend> Pipeline<B> {
             latents.data.iter().map(|x| x / scale + shift).collect(),
         )?
         .nchw_to_nhwc()?; // [1, h, w, C_lat]
-        let image = b.download(&self.vae.decode(b, &b.upload(&z)?)?)?; // [1, H, W, 3]
+        let image = self.vae.decode_host(b, &z, self.vae_tiling)?; // [1, H, W, 3]
         if image.data.iter().all(|v| v.is_finite()) {
             return Ok((to_rgb(&image), false));
         }
@@ -634,16 +643,24 @@ pub fn cpu_f32_decoder(files: &ModelFiles) -> F32Decoder {
     })
 }
 
-/// Loads the model on the backend [`Device::open`] starts for `device`. On the CUDA backend,
-/// SD21_CUDA_GRAPHS=1 runs the UNet through [`CudaBackend::run_recorded`] (CUDA graphs; off by
-/// default until they have been measured on a GPU).
-pub fn load_on_device(files: &ModelFiles, device: Device) -> Result<Box<dyn ImageGenerator>> {
+/// Loads the model on the backend [`Device::open`] starts for `device`, its VAE tiling as
+/// `vae_tiling` says. On the CUDA backend, SD21_CUDA_GRAPHS=1 runs the UNet through
+/// [`CudaBackend::run_recorded`] (CUDA graphs; off by default until they have been measured on
+/// a GPU).
+pub fn load_on_device(
+    files: &ModelFiles,
+    device: Device,
+    vae_tiling: VaeTiling,
+) -> Result<Box<dyn ImageGenerator>> {
     Ok(match device.open()? {
-        OpenedBackend::Cpu(backend) => Box::new(Pipeline::load(files, backend)?),
+        OpenedBackend::Cpu(backend) => {
+            Box::new(Pipeline::load(files, backend)?.with_vae_tiling(vae_tiling))
+        }
         OpenedBackend::Cuda(backend) => {
             tracing::info!(device = %backend.describe(), "loading the model on the GPU");
-            let pipeline =
-                Pipeline::load(files, *backend)?.with_f32_decoder(cpu_f32_decoder(files));
+            let pipeline = Pipeline::load(files, *backend)?
+                .with_vae_tiling(vae_tiling)
+                .with_f32_decoder(cpu_f32_decoder(files));
             if crate::env::flag("SD21_CUDA_GRAPHS") == Some(true) {
                 Box::new(pipeline.with_unet_recorder(cuda_graphs()))
             } else {
