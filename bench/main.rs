@@ -1,6 +1,7 @@
 //! `sd21-bench`: how close each op is to what this machine can do (`kernels`), how fast a
 //! whole generation is next to PyTorch/diffusers on the same work (`pipeline`), and what a
-//! server sustains under concurrent clients, batching on and off (`serve`).
+//! server sustains under concurrent clients, batching on and off (`serve`), whole processes
+//! against diffusers (`e2e`), and one VAE decode at any size (`vae-decode`).
 
 mod device;
 mod e2e;
@@ -9,6 +10,7 @@ mod models;
 mod ops;
 mod pipeline;
 mod serve;
+mod vae_decode;
 mod write_random;
 
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ use e2e::{e2e, E2eOpts};
 use kernels::kernels;
 use pipeline::{pipeline, print_comparison, torch_reference, PipelineOpts};
 use serve::{serve, ServeOpts};
+use vae_decode::vae_decode;
 use write_random::write_random;
 
 #[derive(Parser)]
@@ -125,6 +128,21 @@ enum BenchCommand {
         /// Threads of both sides (each one's --threads); default: all.
         #[arg(long)]
         threads: Option<usize>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// One VAE decode on the CPU at --width × --height (only the VAE loaded), tiled with
+    /// --vae-tiling, printed as JSON; run it under `/usr/bin/time -v` beside
+    /// bench/diffusers_vae_decode.py for the peak memory of each.
+    VaeDecode {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        width: usize,
+        #[arg(long)]
+        height: usize,
+        #[arg(long)]
+        vae_tiling: bool,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -247,6 +265,13 @@ fn main() -> Result<()> {
             };
             write_json(json, &e2e(&opts)?)
         }
+        BenchCommand::VaeDecode {
+            model,
+            width,
+            height,
+            vae_tiling,
+            json,
+        } => write_json(json, &vae_decode(&model, width, height, vae_tiling)?),
         BenchCommand::WriteRandom { random, out } => {
             write_random(models::RandomModel::parse(&random)?, &out)
         }
