@@ -39,11 +39,13 @@ impl VaeTiling {
     }
 }
 
-/// The bytes an untiled VAE pass needs at its full resolution, estimated as four live f32
-/// tensors of its widest full-resolution layer (a resnet's input, normed input, convolution
-/// output and residual sum) over `batch_pixels` (images × pixels).
+/// The bytes an untiled VAE pass needs at its full resolution, estimated as five f32 tensors of
+/// its widest full-resolution layer over `batch_pixels` (images × pixels): 12.1 GB for SD 2.1's
+/// decoder at 1536², where the measured peak RSS was 12.0 GB with the weights
+/// (bench/results/2026-12-04-vae-decode-1536.txt).
 pub fn untiled_working_set(batch_pixels: usize, channels: usize) -> u64 {
-    4 * 4 * (batch_pixels as u64) * (channels as u64)
+    const LIVE_TENSORS: u64 = 5;
+    LIVE_TENSORS * 4 * (batch_pixels as u64) * (channels as u64)
 }
 
 /// Where one tiled pass cuts its input and how it joins the outputs (sizes in rows or columns
