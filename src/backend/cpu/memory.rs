@@ -26,9 +26,29 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
+/// The kernel's estimate of memory available to new allocations without swapping
+/// (`MemAvailable` in `/proc/meminfo`); `None` where there is no such file.
+pub fn available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn available_memory_is_read_on_linux() {
+        let available = available_bytes();
+        if cfg!(target_os = "linux") {
+            assert!(
+                available.is_some_and(|bytes| bytes > 1 << 20),
+                "{available:?}"
+            );
+        }
+    }
 
     #[test]
     fn large_blocks_still_allocate_and_are_usable_after_the_switch() {
@@ -41,13 +61,4 @@ mod tests {
             assert_eq!(v.len(), 64 << 20);
         }
     }
-}
-
-/// The kernel's estimate of memory available to new allocations without swapping
-/// (`MemAvailable` in `/proc/meminfo`); `None` where there is no such file.
-pub fn available_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }
