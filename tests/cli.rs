@@ -3,12 +3,35 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
 
 fn sd21() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sd21"))
+}
+
+/// `sd21 img2img` with the fixtures' img2img settings (make_fixtures.py: the astronaut prompt,
+/// its negative prompt, strength 0.75, cfg 7.5, ddim, the image seed) from `init_png`.
+fn fixture_img2img(init_png: &Path, steps: usize, out: &Path) -> Command {
+    let mut command = sd21();
+    command
+        .args(["img2img", "--model"])
+        .arg(tiny_model())
+        .arg("--init-image")
+        .arg(init_png)
+        .args(["--prompt", "a photograph of an astronaut riding a horse"])
+        .args([
+            "--negative-prompt",
+            "blurry, low quality",
+            "--strength",
+            "0.75",
+        ])
+        .args(["--steps", &steps.to_string(), "--cfg-scale", "7.5"])
+        .args(["--scheduler", "ddim", "--seed", "208513106212", "--output"])
+        .arg(out);
+    command
 }
 
 #[test]
@@ -277,23 +300,7 @@ fn img2img_from_a_png_equals_diffusers_and_resizes_odd_sizes() {
     let init_png = dir.path().join("init.png");
     sd21::image_io::save_png(&init_png, &rgb, None).unwrap();
     let out = dir.path().join("out.png");
-    let result = sd21()
-        .args(["img2img", "--model"])
-        .arg(tiny_model())
-        .arg("--init-image")
-        .arg(&init_png)
-        .args(["--prompt", "a photograph of an astronaut riding a horse"])
-        .args([
-            "--negative-prompt",
-            "blurry, low quality",
-            "--strength",
-            "0.75",
-        ])
-        .args(["--steps", "7", "--cfg-scale", "7.5", "--scheduler", "ddim"])
-        .args(["--seed", "208513106212", "--output"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let result = fixture_img2img(&init_png, 7, &out).output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
     let (ow, oh, pixels, text) = decode_png(&std::fs::read(&out).unwrap());
@@ -455,22 +462,7 @@ fn vae_tiling_flag_equals_diffusers_enable_tiling() {
     let expected = fixture.image("img2img_image");
     let run = |tiling: bool| {
         let out = dir.path().join(format!("out-{tiling}.png"));
-        let mut command = sd21();
-        command
-            .args(["img2img", "--model"])
-            .arg(tiny_model())
-            .arg("--init-image")
-            .arg(&init_png)
-            .args(["--prompt", "a photograph of an astronaut riding a horse"])
-            .args([
-                "--negative-prompt",
-                "blurry, low quality",
-                "--strength",
-                "0.75",
-            ])
-            .args(["--steps", "3", "--cfg-scale", "7.5", "--scheduler", "ddim"])
-            .args(["--seed", "208513106212", "--output"])
-            .arg(&out);
+        let mut command = fixture_img2img(&init_png, 3, &out);
         if tiling {
             command.arg("--vae-tiling");
         }

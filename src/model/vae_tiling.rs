@@ -163,22 +163,7 @@ fn blend_rows(a: &HostTensor, b: &mut HostTensor, blend: usize) -> Result<()> {
             "tiles of one column differ in width",
         ));
     }
-    let extent = blend.min(a_h).min(b_h);
-    let row_len = width * channels;
-    for (a_img, b_img) in a
-        .data
-        .chunks_exact(a_h * row_len)
-        .zip(b.data.chunks_exact_mut(b_h * row_len))
-    {
-        for y in 0..extent {
-            let (keep_a, keep_b) = fade(y, extent);
-            let a_row = &a_img[(a_h - extent + y) * row_len..][..row_len];
-            let b_row = &mut b_img[y * row_len..][..row_len];
-            for (bv, &av) in b_row.iter_mut().zip(a_row) {
-                *bv = av * keep_a + *bv * keep_b;
-            }
-        }
-    }
+    fade_in(&a.data, a_h, &mut b.data, b_h, width * channels, blend);
     Ok(())
 }
 
@@ -192,22 +177,28 @@ fn blend_cols(a: &HostTensor, b: &mut HostTensor, blend: usize) -> Result<()> {
             "tiles of one row differ in height",
         ));
     }
-    let extent = blend.min(a_w).min(b_w);
-    for (a_row, b_row) in a
-        .data
-        .chunks_exact(a_w * channels)
-        .zip(b.data.chunks_exact_mut(b_w * channels))
+    fade_in(&a.data, a_w, &mut b.data, b_w, channels, blend);
+    Ok(())
+}
+
+/// With `a` as `[outer, a_len, inner]` and `b` as `[outer, b_len, inner]`: `b`'s first
+/// `extent` slices along the middle axis become `a`'s last ones · (1 − i/extent) + their own ·
+/// i/extent, where `extent` = min(`blend`, `a_len`, `b_len`).
+fn fade_in(a: &[f32], a_len: usize, b: &mut [f32], b_len: usize, inner: usize, blend: usize) {
+    let extent = blend.min(a_len).min(b_len);
+    for (a_outer, b_outer) in a
+        .chunks_exact(a_len * inner)
+        .zip(b.chunks_exact_mut(b_len * inner))
     {
-        for x in 0..extent {
-            let (keep_a, keep_b) = fade(x, extent);
-            let a_px = &a_row[(a_w - extent + x) * channels..][..channels];
-            let b_px = &mut b_row[x * channels..][..channels];
-            for (bv, &av) in b_px.iter_mut().zip(a_px) {
+        for i in 0..extent {
+            let (keep_a, keep_b) = fade(i, extent);
+            let a_slice = &a_outer[(a_len - extent + i) * inner..][..inner];
+            let b_slice = &mut b_outer[i * inner..][..inner];
+            for (bv, &av) in b_slice.iter_mut().zip(a_slice) {
                 *bv = av * keep_a + *bv * keep_b;
             }
         }
     }
-    Ok(())
 }
 
 /// The weights of the earlier and the later tile at offset `i` of `extent`, as PyTorch rounds
