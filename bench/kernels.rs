@@ -11,6 +11,7 @@ use sd21::tensor::HostTensor;
 
 use crate::device::BenchDevice;
 use crate::ops::{self, sd21_cases, smoke_cases, time_case, Case};
+use crate::roofline::{write_svg, RooflinePoint};
 use crate::ShapeSet;
 
 /// The machine's own limits, measured in this run.
@@ -62,6 +63,7 @@ pub fn kernels<B: BenchDevice>(
     shapes: ShapeSet,
     repeats: usize,
     json_path: Option<PathBuf>,
+    svg_path: Option<PathBuf>,
     alternative: Option<Alternative<'_>>,
 ) -> Result<()> {
     println!("device: {}", backend.describe());
@@ -87,6 +89,7 @@ pub fn kernels<B: BenchDevice>(
         "op", "time ms", "GFLOP", "MB", "TFLOP/s", "GB/s", "% ceil"
     );
     let mut rows = Vec::new();
+    let mut points = Vec::new();
     let mut runs: Vec<(String, &ops::OpCase, Option<&Alternative>)> = Vec::new();
     for case in &cases {
         runs.push((case.name.clone(), &case.op, None));
@@ -132,10 +135,21 @@ pub fn kernels<B: BenchDevice>(
             bytes / t / 1e9,
             percent
         );
+        points.push(RooflinePoint {
+            name: case.name.clone(),
+            intensity: flops / bytes,
+            gflops: flops / t / 1e9,
+        });
         rows.push(json!({
             "op": case.name, "time_ms": t * 1e3, "flops": flops, "bytes": bytes,
             "tflops": flops / t / 1e12, "gbs": bytes / t / 1e9, "bound": bound, "percent_of_ceiling": percent,
         }));
+    }
+    if let Some(path) = svg_path {
+        let title = format!("sd21-bench kernels: {}", backend.describe());
+        let (bandwidth, peak) = (ceilings.bandwidth_gbs, ceilings.tflops * 1e3);
+        write_svg(&path, &title, bandwidth, peak, &points)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = json_path {
         let report = json!({

@@ -9,6 +9,7 @@ mod kernels;
 mod models;
 mod ops;
 mod pipeline;
+mod roofline;
 mod serve;
 mod vae_decode;
 mod write_random;
@@ -71,6 +72,9 @@ enum BenchCommand {
         /// Also write the table as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also draw the table as a roofline chart (SVG).
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
     /// Time text encoding, one UNet step (CFG, batch 2), VAE decode and a whole generation.
     Pipeline {
@@ -198,10 +202,11 @@ fn main() -> Result<()> {
             shapes,
             repeats,
             json,
+            svg,
         } => match device {
-            DeviceArg::Cpu => kernels(&CpuBackend::new(), 4, shapes, repeats, json, None),
+            DeviceArg::Cpu => kernels(&CpuBackend::new(), 4, shapes, repeats, json, svg, None),
             #[cfg(sd21_kernels)]
-            DeviceArg::Cuda => cuda_kernels(shapes, repeats, json),
+            DeviceArg::Cuda => cuda_kernels(shapes, repeats, json, svg),
             #[cfg(not(sd21_kernels))]
             DeviceArg::Cuda => Err(no_kernels()),
         },
@@ -317,7 +322,12 @@ fn write_json(path: Option<PathBuf>, report: &serde_json::Value) -> Result<()> {
 /// `kernels` on CUDA device 0. On Hopper the convolutions and head-dim-64 attention run wgmma
 /// kernels; the portable mma.sync ones are timed too.
 #[cfg(sd21_kernels)]
-fn cuda_kernels(shapes: ShapeSet, repeats: usize, json: Option<PathBuf>) -> Result<()> {
+fn cuda_kernels(
+    shapes: ShapeSet,
+    repeats: usize,
+    json: Option<PathBuf>,
+    svg: Option<PathBuf>,
+) -> Result<()> {
     use kernels::Alternative;
     let backend = CudaBackend::new(0)?;
     let (conv, attention) = (
@@ -332,7 +342,7 @@ fn cuda_kernels(shapes: ShapeSet, repeats: usize, json: Option<PathBuf>) -> Resu
         label: "mma.sync",
         switch: &portable,
     });
-    kernels(&backend, 2, shapes, repeats, json, alternative)
+    kernels(&backend, 2, shapes, repeats, json, svg, alternative)
 }
 
 /// Why a build without kernels has no CUDA backend.

@@ -21,9 +21,10 @@ fn read_json(path: &std::path::Path) -> serde_json::Value {
 }
 
 #[test]
-fn kernels_table_and_json_cover_every_op() {
+fn kernels_table_json_and_roofline_cover_every_op() {
     let dir = tempfile::tempdir().unwrap();
     let json_path = dir.path().join("kernels.json");
+    let svg_path = dir.path().join("roofline.svg");
     let out = bench()
         .args([
             "kernels",
@@ -36,6 +37,8 @@ fn kernels_table_and_json_cover_every_op() {
             "--json",
         ])
         .arg(&json_path)
+        .arg("--svg")
+        .arg(&svg_path)
         .output()
         .unwrap();
     succeeded(&out);
@@ -65,6 +68,17 @@ fn kernels_table_and_json_cover_every_op() {
             stdout.contains(row["op"].as_str().unwrap()),
             "the table prints {name}"
         );
+    }
+    // The chart: the roof's legend, and a labelled point for every op that does arithmetic.
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("roof:"), "{svg}");
+    for row in ops.iter().filter(|r| r["flops"].as_f64().unwrap() > 0.0) {
+        let name = row["op"].as_str().unwrap();
+        let escaped = name
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        assert!(svg.contains(&escaped), "{name} missing from the chart");
     }
 }
 
