@@ -30,13 +30,10 @@ pub fn vae_decode(model: &Path, width: usize, height: usize, tiled: bool) -> Res
     let noise = TorchGenerator::new(0).randn(c * h * w);
     let scaled = noise.iter().map(|v| v / config.scaling_factor).collect();
     let z = HostTensor::new(vec![1, c, h, w], scaled)?.nchw_to_nhwc()?; // [1, h, w, C]
-    let tiling = if tiled {
-        VaeTiling::Always
-    } else {
-        VaeTiling::Auto
-    };
     let started = Instant::now();
-    let image = vae.decode_host(&backend, &z, tiling).context("decoding")?; // [1, H, W, 3]
+    let image = vae
+        .decode_host(&backend, &z, VaeTiling::forced(tiled))
+        .context("decoding")?; // [1, H, W, 3]
     let decode_s = started.elapsed().as_secs_f64();
     let report = json!({
         "side": "sd21", "width": image.shape[2], "height": image.shape[1], "tiled": tiled,

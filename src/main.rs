@@ -173,11 +173,7 @@ struct VaeArgs {
 
 impl VaeArgs {
     fn tiling(self) -> VaeTiling {
-        if self.vae_tiling {
-            VaeTiling::Always
-        } else {
-            VaeTiling::Auto
-        }
+        VaeTiling::forced(self.vae_tiling)
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::backend::{Activation, Backend, Tensor};
 use crate::config::VaeConfig;
 use crate::model::layers::{Attention, Conv2d, GroupNorm, ResnetBlock2D};
-use crate::model::vae_tiling::{run_tiled, untiled_working_set, TileGeometry, VaeTiling};
+use crate::model::vae_tiling::{untiled_working_set, TileGeometry, VaeTiling};
 use crate::tensor::HostTensor;
 use crate::weights::WeightScope;
 use crate::{Error, Result};
@@ -152,11 +152,8 @@ impl<B: Backend> VaeDecoder<B> {
         let widest = c.iter().take(2).copied().max().unwrap_or(0);
         let batch_pixels = z.numel() / self.config.latent_channels.max(1) * f * f;
         let working_set = untiled_working_set(batch_pixels, widest);
-        if tiling.applies(&geometry, z, working_set, b.available_memory()) {
-            run_tiled(z, &geometry, decode) // [B, H, W, 3]
-        } else {
-            decode(z) // [B, H, W, 3]
-        }
+        let available = || b.available_memory();
+        tiling.run(&geometry, z, working_set, available, decode) // [B, H, W, 3]
     }
 
     /// `z [B, h, w, C_lat]` (already divided by `scaling_factor`) → image `[B, h·f, w·f, 3]` in

@@ -6,7 +6,7 @@ use super::vae::{VaeMidBlock, VAE_NORM_EPS};
 use crate::backend::{Activation, Backend, Padding};
 use crate::config::VaeConfig;
 use crate::model::layers::{Conv2d, GroupNorm, ResnetBlock2D};
-use crate::model::vae_tiling::{run_tiled, untiled_working_set, TileGeometry, VaeTiling};
+use crate::model::vae_tiling::{untiled_working_set, TileGeometry, VaeTiling};
 use crate::sampling::rng::TorchGenerator;
 use crate::tensor::HostTensor;
 use crate::weights::WeightScope;
@@ -116,12 +116,10 @@ impl<B: Backend> VaeEncoder<B> {
         let encode = |image: &HostTensor| b.download(&self.encode(b, &b.upload(image)?)?);
         let geometry = TileGeometry::encode(&self.config);
         let channels = self.config.block_out_channels.first().copied().unwrap_or(0);
-        let working_set = untiled_working_set(image.numel() / 3, channels);
-        let moments = if tiling.applies(&geometry, image, working_set, b.available_memory()) {
-            run_tiled(image, &geometry, encode)? // [B, h, w, 2·C_lat]
-        } else {
-            encode(image)? // [B, h, w, 2·C_lat]
-        };
+        let batch_pixels = image.numel() / self.config.in_channels.max(1);
+        let working_set = untiled_working_set(batch_pixels, channels);
+        let available = || b.available_memory();
+        let moments = tiling.run(&geometry, image, working_set, available, encode)?; // [B, h, w, 2·C_lat]
         Posterior::from_moments(&moments, self.config.latent_channels)
     }
 }

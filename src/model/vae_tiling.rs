@@ -21,21 +21,48 @@ pub enum VaeTiling {
 }
 
 impl VaeTiling {
+    /// `Always` when a user asked for tiling (`--vae-tiling`), else `Auto`.
+    pub fn forced(always: bool) -> Self {
+        if always {
+            VaeTiling::Always
+        } else {
+            VaeTiling::Auto
+        }
+    }
+
     /// Whether a pass of `geometry` over NHWC `input` runs in tiles: never for an input of one
-    /// tile; else always, or (`Auto`) when `working_set` bytes exceed `available`.
-    pub fn applies(
+    /// tile; else always, or (`Auto`) when `working_set` bytes exceed what `available` reports
+    /// (asked only then).
+    fn applies(
         self,
         geometry: &TileGeometry,
         input: &HostTensor,
         working_set: u64,
-        available: Option<u64>,
+        available: impl FnOnce() -> Option<u64>,
     ) -> bool {
         let splits = matches!(input.shape[..], [_, h, w, _] if geometry.splits(h, w));
         splits
             && match self {
                 VaeTiling::Always => true,
-                VaeTiling::Auto => available.is_some_and(|free| working_set > free),
+                VaeTiling::Auto => available().is_some_and(|free| working_set > free),
             }
+    }
+
+    /// `pass` over NHWC `input`, in tiles ([`run_tiled`]) where [`VaeTiling::applies`], else
+    /// whole.
+    pub fn run(
+        self,
+        geometry: &TileGeometry,
+        input: &HostTensor,
+        working_set: u64,
+        available: impl FnOnce() -> Option<u64>,
+        mut pass: impl FnMut(&HostTensor) -> Result<HostTensor>,
+    ) -> Result<HostTensor> {
+        if self.applies(geometry, input, working_set, available) {
+            run_tiled(input, geometry, pass)
+        } else {
+            pass(input)
+        }
     }
 }
 
@@ -265,12 +292,12 @@ mod tests {
         let geometry = TileGeometry::between(8, 64);
         let big = HostTensor::new(vec![1, 9, 8, 4], vec![0.0; 288]).unwrap();
         let one_tile = HostTensor::new(vec![1, 8, 8, 4], vec![0.0; 256]).unwrap();
-        assert!(VaeTiling::Always.applies(&geometry, &big, 10, Some(100)));
-        assert!(!VaeTiling::Always.applies(&geometry, &one_tile, 10, Some(1)));
-        assert!(VaeTiling::Auto.applies(&geometry, &big, 101, Some(100)));
-        assert!(!VaeTiling::Auto.applies(&geometry, &big, 100, Some(100)));
-        assert!(!VaeTiling::Auto.applies(&geometry, &big, 101, None));
-        assert!(!VaeTiling::Auto.applies(&geometry, &one_tile, 101, Some(100)));
+        assert!(VaeTiling::Always.applies(&geometry, &big, 10, || Some(100)));
+        assert!(!VaeTiling::Always.applies(&geometry, &one_tile, 10, || Some(1)));
+        assert!(VaeTiling::Auto.applies(&geometry, &big, 101, || Some(100)));
+        assert!(!VaeTiling::Auto.applies(&geometry, &big, 100, || Some(100)));
+        assert!(!VaeTiling::Auto.applies(&geometry, &big, 101, || None));
+        assert!(!VaeTiling::Auto.applies(&geometry, &one_tile, 101, || Some(100)));
     }
 
     #[test]
