@@ -3,7 +3,8 @@
 # sd21 in two stages:
 #   build    — NVIDIA's CUDA devel image (nvcc) + the Rust toolchain from rustup; the same build CI
 #              does (.ci/run): SD21_REQUIRE_CUDA=1, so every kernel in kernels/ is compiled into the
-#              binary and a missing nvcc fails the build; libclang for bindgen (kernels/params.h).
+#              binary and a missing nvcc fails the build; libclang for bindgen (kernels/params.h);
+#              oneDNN for the CPU backend's GEMM (SD21_REQUIRE_ONEDNN=1).
 #   runtime  — NVIDIA's CUDA runtime image of the same version (cudart, cuBLAS, cuBLASLt, NVRTC);
 #              only the binary, a non-root user, weights in the /weights volume.
 #
@@ -27,10 +28,12 @@ ARG SD21_CUDA_ARCHS=80,86,89,90
 
 ENV DEBIAN_FRONTEND=noninteractive
 # build-essential: the host compiler for nvcc and the C parts of dependencies (ring);
-# libclang-dev: bindgen, as .ci/run installs it. Versions come with the pinned base image.
+# libclang-dev: bindgen, as .ci/run installs it; libdnnl-dev: oneDNN, the CPU backend's GEMM
+# (build.rs links it). Versions come with the pinned base image.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential ca-certificates curl libclang-dev \
+       libdnnl-dev \
     && rm -rf /var/lib/apt/lists/*
 
 ENV RUSTUP_HOME=/usr/local/rustup \
@@ -46,6 +49,7 @@ COPY . .
 # As in .ci/run: nvcc named explicitly, and its absence is a build error.
 ENV NVCC=/usr/local/cuda/bin/nvcc \
     SD21_REQUIRE_CUDA=1 \
+    SD21_REQUIRE_ONEDNN=1 \
     SD21_CUDA_ARCHS=${SD21_CUDA_ARCHS}
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
@@ -56,10 +60,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM ${RUNTIME_IMAGE} AS runtime
 
 ENV DEBIAN_FRONTEND=noninteractive
-# curl: the health check.
+# curl: the health check. libdnnl-dev pulls in the oneDNN library the binary links (its -dev
+# package is named alike on every Ubuntu release, the library's soname package is not) and libgomp.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl libdnnl-dev \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 sd21 \

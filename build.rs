@@ -16,6 +16,11 @@
 //!   `SD21_REQUIRE_CUDA=1` that is a build error instead (CI sets it). A kernel that fails to
 //!   compile is always a build error, and so is a Hopper kernel whose ptxas report shows wgmma
 //!   serialized or a register spill (`kernels/ptxas.rs`).
+//! - The CPU backend's GEMM: when oneDNN's `libdnnl.so` is found (`SD21_ONEDNN_LIB_DIR`, then the
+//!   usual library folders; Debian: `apt-get install libdnnl-dev`), it is linked and
+//!   `cargo:rustc-cfg=sd21_onednn` is set; otherwise the `gemm` crate does every product (about
+//!   half the speed on AVX-512 machines) and the build says so. `SD21_REQUIRE_ONEDNN=1` makes its
+//!   absence a build error (CI sets it).
 
 #[path = "kernels/ptxas.rs"]
 mod ptxas;
@@ -31,6 +36,7 @@ const DEFAULT_ARCHS: &str = "80,86,89,90";
 const KERNEL_DIR: &str = "kernels";
 
 fn main() {
+    link_onednn();
     println!("cargo::rustc-check-cfg=cfg(sd21_kernels)");
     for var in [
         "NVCC",
@@ -155,6 +161,43 @@ fn main() {
         started.elapsed().as_secs_f64(),
         archs.describe
     );
+}
+
+/// Links oneDNN for the CPU backend's GEMM when its library is found (module docs).
+fn link_onednn() {
+    println!("cargo::rustc-check-cfg=cfg(sd21_onednn)");
+    println!("cargo::rerun-if-env-changed=SD21_ONEDNN_LIB_DIR");
+    println!("cargo::rerun-if-env-changed=SD21_REQUIRE_ONEDNN");
+    let given = env::var_os("SD21_ONEDNN_LIB_DIR").map(PathBuf::from);
+    let usual = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/local/lib",
+        "/usr/lib64",
+        "/usr/lib",
+    ];
+    let candidates: Vec<PathBuf> = match given {
+        Some(dir) => vec![dir],
+        None => usual.iter().map(PathBuf::from).collect(),
+    };
+    match candidates.iter().find(|d| d.join("libdnnl.so").exists()) {
+        Some(dir) => {
+            println!("cargo::rustc-link-search=native={}", dir.display());
+            println!("cargo::rustc-link-lib=dylib=dnnl");
+            // Debian's oneDNN runs on OpenMP; the backend sets each call's team size itself.
+            println!("cargo::rustc-link-lib=dylib=gomp");
+            println!("cargo::rustc-cfg=sd21_onednn");
+        }
+        None if env::var("SD21_REQUIRE_ONEDNN").is_ok_and(|v| v == "1") => panic!(
+            "SD21_REQUIRE_ONEDNN=1 but libdnnl.so is in none of {candidates:?} \
+             (Debian: apt-get install libdnnl-dev)"
+        ),
+        None => println!(
+            "cargo::warning=building the CPU backend without oneDNN (libdnnl.so not found in \
+             {candidates:?}; Debian: apt-get install libdnnl-dev): every GEMM goes through the \
+             gemm crate, about half as fast on AVX-512 machines"
+        ),
+    }
 }
 
 /// Builds the crate without kernels (or fails, under `SD21_REQUIRE_CUDA=1`).

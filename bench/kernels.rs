@@ -73,7 +73,7 @@ pub fn kernels<B: BenchDevice>(
         ceilings.bandwidth_gbs,
         ceilings.tflops,
         if elem == 4 {
-            "f32 2048³, gemm crate"
+            "f32 2048³, the backend's"
         } else {
             "f16 8192³, cuBLAS"
         }

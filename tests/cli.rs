@@ -158,7 +158,7 @@ fn threads_sizes_the_cpu_pool_and_keeps_the_image() {
         (decode_png(&std::fs::read(&out).unwrap()).2, stderr)
     };
     let (one, stderr) = run(Some("1"), "one.png");
-    assert!(stderr.contains("cpu (1 threads)"), "{stderr}");
+    assert!(stderr.contains("cpu (1 threads, GEMM: "), "{stderr}");
     let (default, _) = run(None, "default.png");
     assert_eq!(one, default);
 }

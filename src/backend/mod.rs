@@ -28,7 +28,7 @@ pub trait Backend: Send + Sync {
     /// A tensor living on this backend's device. Cloning is cheap (shared storage).
     type Tensor: Tensor;
 
-    /// A short description of the device, for logs (`cpu (2 threads)`).
+    /// A short description of the device, for logs (`cpu (2 threads, GEMM: oneDNN sgemm)`).
     fn describe(&self) -> String;
 
     /// Bytes the backend could still allocate (the host's available memory, or the device's free

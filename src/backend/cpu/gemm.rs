@@ -1,12 +1,19 @@
-//! The one place the CPU backend calls the `gemm` crate: a safe, bounds-checked wrapper over
-//! `gemm::gemm` for f32 with arbitrary (non-negative) strides, so callers can multiply strided
-//! views (a linear weight `[N, K]` read as `Kᵀ`, one head's channels of `[B, N, H·D]`) without
-//! copying them.
+//! The CPU backend's one matrix product: a safe, bounds-checked f32 GEMM over strided views, so
+//! callers multiply them (a linear weight `[N, K]` read as `Kᵀ`, one head's channels of
+//! `[B, N, H·D]`) without copying. oneDNN's sgemm does it when the build linked it and each view
+//! has a unit stride (`onednn.rs`); the `gemm` crate does every other product, any strides.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::{Error, Result};
+
+/// The library that does the backend's products (what `describe` reports).
+pub(super) const LIBRARY: &str = if cfg!(sd21_onednn) {
+    "oneDNN sgemm"
+} else {
+    "gemm crate"
+};
 
 /// A read-only strided matrix view: element `(r, c)` is `data[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
@@ -76,6 +83,15 @@ pub(crate) fn matmul(
             rhs.data.len()
         )));
     }
+    #[cfg(sd21_onednn)]
+    if let Some(done) = super::onednn::sgemm(dst, dst_rs, m, n, k, lhs, rhs, accumulate, scale, par)
+    {
+        return done.map_err(|status| {
+            Error::Backend(format!(
+                "matmul: oneDNN sgemm failed with status {status} (m={m}, n={n}, k={k})"
+            ))
+        });
+    }
     let parallelism = match par {
         Par::Rayon => Parallelism::Rayon(0),
         Par::Sequential => Parallelism::None,
@@ -139,41 +155,49 @@ pub(super) fn init_output(
 mod tests {
     use super::*;
 
-    #[test]
-    fn strided_matmul_matches_naive() {
-        // lhs 3×5 stored column-major inside a padded buffer, rhs 5×4 row-major with padding.
+    /// `0.5 + 2·lhs·rhs` in f64 for a 3×4 product of 5-deep views, checked with `dst` rows padded
+    /// to 6 (padding untouched).
+    fn check_strided(lrs: usize, lcs: usize, rrs: usize, rcs: usize, accumulate: bool) {
         let (m, n, k) = (3, 4, 5);
         let lhs: Vec<f32> = (0..40).map(|i| (i as f32 * 0.37).sin()).collect();
         let rhs: Vec<f32> = (0..60).map(|i| (i as f32 * 0.71).cos()).collect();
-        let (lrs, lcs) = (1, 7);
-        let (rrs, rcs) = (9, 2);
-        let mut dst = vec![0.5f32; 3 * 6];
-        matmul(
-            &mut dst,
-            6,
-            m,
-            n,
-            k,
-            MatRef::new(&lhs, lrs, lcs),
-            MatRef::new(&rhs, rrs, rcs),
-            true,
-            2.0,
-            Par::Sequential,
-        )
-        .unwrap();
-        for r in 0..m {
-            for c in 0..6 {
-                let want = if c < n {
+        // Without accumulation the prior contents (NaN here) must not leak into the product.
+        let start = if accumulate { 0.5 } else { f32::NAN };
+        let mut dst = vec![start; 3 * 6];
+        let (lv, rv) = (MatRef::new(&lhs, lrs, lcs), MatRef::new(&rhs, rrs, rcs));
+        for par in [Par::Sequential, Par::Rayon] {
+            dst.chunks_mut(6).for_each(|row| row[..n].fill(start));
+            matmul(&mut dst, 6, m, n, k, lv, rv, accumulate, 2.0, par).unwrap();
+            for r in 0..m {
+                for c in 0..n {
                     let dot: f64 = (0..k)
                         .map(|d| lhs[r * lrs + d * lcs] as f64 * rhs[d * rrs + c * rcs] as f64)
                         .sum();
-                    0.5 + 2.0 * dot
-                } else {
-                    0.5 // untouched padding
-                };
-                assert!((dst[r * 6 + c] as f64 - want).abs() < 1e-5, "({r},{c})");
+                    let want = if accumulate { 0.5 } else { 0.0 } + 2.0 * dot;
+                    let got = dst[r * 6 + c] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "({r},{c}) {got} vs {want}, {par:?}"
+                    );
+                }
+                assert!(dst[r * 6 + n..r * 6 + 6]
+                    .iter()
+                    .all(|v| v.to_bits() == start.to_bits()));
             }
         }
+    }
+
+    #[test]
+    fn strided_matmul_matches_naive() {
+        // Column-major lhs inside a padded buffer × row-major rhs with padding (both BLAS layouts).
+        check_strided(1, 7, 9, 1, true);
+        check_strided(1, 7, 9, 1, false);
+        // Row-major lhs × a transposed (column-major) rhs: the linear layer's `Kᵀ` reading.
+        check_strided(7, 1, 1, 11, true);
+        check_strided(7, 1, 1, 11, false);
+        // No unit stride on rhs: not a BLAS layout, so always the `gemm` crate.
+        check_strided(1, 7, 9, 2, true);
+        check_strided(1, 7, 9, 2, false);
     }
 
     #[test]

@@ -1,10 +1,10 @@
-//! The CPU backend: f32, matmuls through the `gemm` crate, rayon for everything else.
+//! The CPU backend: f32, matmuls through oneDNN (or the `gemm` crate), rayon for everything else.
 //!
 //! It is the numerical reference for every other backend, so accuracy comes first (f64 statistics
 //! in the norms, f32 softmax with the row maximum subtracted, exact erf GELU), then speed: every
 //! matmul-shaped op is one or a few large GEMMs, every other op is a `par_chunks` over rows.
 //!
-//! Files: `gemm.rs` (the safe wrapper over `gemm::gemm`), `linear.rs`, `conv.rs` (conv2d as
+//! Files: `gemm.rs` (the one safe matmul), `onednn.rs` (its oneDNN path), `linear.rs`, `conv.rs` (conv2d as
 //! im2col GEMMs), `attention.rs` (blocked multi-head attention), `norm.rs` (group and layer norm),
 //! `elementwise.rs` (activations, add, resize, concat, embedding) and `math.rs` (exp, SiLU, GELU).
 //!
@@ -18,6 +18,8 @@ mod linear;
 mod math;
 mod memory;
 mod norm;
+#[cfg(sd21_onednn)]
+mod onednn;
 mod winograd;
 
 pub use memory::keep_freed_memory;
@@ -106,7 +108,11 @@ impl Compute for CpuBackend {
     type Tensor = CpuTensor;
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!(
+            "cpu ({} threads, GEMM: {})",
+            rayon::current_num_threads(),
+            gemm::LIBRARY
+        )
     }
 
     fn upload(&self, host: &HostTensor) -> Result<CpuTensor> {
