@@ -1255,9 +1255,21 @@ fn cors_headers_only_with_cors_origin() {
         reply.header("access-control-allow-origin"),
         Some("http://app.example")
     );
+    // /health is 200 for everyone (issue 15 #9: it answered 403 to a foreign Origin), without
+    // CORS headers for a foreign one; every other route still refuses that Origin.
     let reply = get(cors.addr, "/health", &[("Origin", "http://evil.example")]);
     assert_eq!(reply.header("access-control-allow-origin"), None);
-    assert_ne!(reply.status, 200);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = get(
+        cors.addr,
+        "/openapi.json",
+        &[
+            ("Origin", "http://evil.example"),
+            ("Authorization", "Bearer k"),
+        ],
+    );
+    assert_eq!(reply.header("access-control-allow-origin"), None);
+    assert_eq!(reply.status, 403, "{}", reply.text());
 }
 
 #[test]
