@@ -1212,6 +1212,37 @@ fn with_an_api_key_everything_but_health_needs_the_bearer_token() {
         .contains("sd21_requests_total{status=\"200\"} 1"));
 }
 
+/// Issue 15 #5: a 405 names the route's methods (RFC 9110), and /docs and /openapi.json take
+/// GET (and HEAD) only, as every other route takes only its own methods.
+#[test]
+fn method_not_allowed_names_the_allowed_methods() {
+    let server = Server::start(&[]);
+    for (method, path, allow) in [
+        ("GET", "/generate/", "POST"),
+        ("PUT", "/generate", "POST"),
+        ("POST", "/health", "GET"),
+        ("PUT", "/jobs/0123", "DELETE, GET"),
+        ("DELETE", "/docs", "GET, HEAD"),
+        ("POST", "/openapi.json", "GET, HEAD"),
+    ] {
+        let reply = send(server.addr, method, path, &[], None);
+        assert_eq!(reply.status, 405, "{method} {path}: {}", reply.text());
+        assert_eq!(reply.header("allow"), Some(allow), "{method} {path}");
+        assert!(
+            reply.json()["error"].is_string(),
+            "{method} {path}: JSON error"
+        );
+    }
+    for path in ["/docs", "/openapi.json"] {
+        assert_eq!(
+            send(server.addr, "HEAD", path, &[], None).status,
+            200,
+            "HEAD {path}"
+        );
+        assert_eq!(get(server.addr, path, &[]).status, 200, "GET {path}");
+    }
+}
+
 #[test]
 fn cors_headers_only_with_cors_origin() {
     let preflight = |addr| {

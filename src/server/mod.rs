@@ -7,6 +7,7 @@
 //! → engine queue → worker → `response.rs` (PNG/JSON) → client; `error.rs` turns every failure
 //! into its status and JSON answer. Nothing in a request is ever used as a file path.
 
+mod allow;
 pub mod api;
 pub mod body;
 pub mod connection;
@@ -31,6 +32,7 @@ use poem_openapi::OpenApiService;
 use crate::engine::{Engine, EngineConfig, ModelLoader};
 use crate::request::schema::{self, SchemaContext};
 use crate::request::Limits;
+use allow::AllowedMethods;
 use api::{Api, Documented};
 use connection::{Connections, WatchedAcceptor};
 use error::ApiError;
@@ -233,7 +235,7 @@ async fn shutdown_signal() {
 }
 
 /// The routes with their middleware, outermost first: request log, trailing-slash trimming
-/// (`/generate/` → `/generate`), JSON errors, CORS (only with `--cors-origin`), bearer auth
+/// (`/generate/` → `/generate`), `Allow` on 405s (`allow.rs`), JSON errors, CORS (only with `--cors-origin`), bearer auth
 /// (only with `--api-key`), JSON errors again (for what the router and the handlers return),
 /// panic catcher, routes.
 fn app(
@@ -261,6 +263,13 @@ fn app(
         latent_factor: engine.model().map_or(8, |m| m.latent_factor),
     };
     let documented = Arc::new(openapi_service(api.clone(), jobs.clone()));
+    let allowed = Arc::new(AllowedMethods::new(
+        &schema::with_context(spec_context(), || documented.spec()),
+        &[
+            ("/openapi.json", &["GET", "HEAD"]),
+            ("/docs", &["GET", "HEAD"]),
+        ],
+    ));
     let (docs_context, docs_service) = (spec_context.clone(), documented.clone());
     let docs = poem::endpoint::make_sync(move |_| {
         Html(schema::with_context(docs_context(), || {
@@ -275,8 +284,8 @@ fn app(
 
     let routes = Route::new()
         .nest("/", openapi_service(api, jobs))
-        .at("/openapi.json", spec_json)
-        .at("/docs", docs);
+        .at("/openapi.json", poem::get(spec_json))
+        .at("/docs", poem::get(docs));
     let mut app = routes
         .with(CatchPanic::new())
         .around(json_errors)
@@ -333,6 +342,7 @@ fn app(
             .boxed();
     }
     app.around(json_errors)
+        .around(move |ep, req| allow::add_allow(ep, req, Arc::clone(&allowed)))
         .with(NormalizePath::new(TrailingSlash::Trim))
         .around(log_request)
 }
