@@ -1212,6 +1212,30 @@ fn with_an_api_key_everything_but_health_needs_the_bearer_token() {
         .contains("sd21_requests_total{status=\"200\"} 1"));
 }
 
+/// Issue 15 #6: a 413 on a keep-alive connection says `Connection: close` (the server closes
+/// it: the unread body would be taken for the next request).
+#[test]
+fn payload_too_large_closes_the_connection_and_says_so() {
+    let server = Server::start(&[]);
+    let body = vec![b'x'; 100_000];
+    let head = format!(
+        "POST /generate/ HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\
+         Content-Type: application/json\r\nContent-Length: {}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(server.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let _ = stream.write_all(&raw_request(&head, &body));
+    let mut bytes = Vec::new();
+    // Ends at the server's close (or the timeout, which the header check below then reports).
+    let _ = stream.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 413"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+}
+
 /// Issue 15 #5: a 405 names the route's methods (RFC 9110), and /docs and /openapi.json take
 /// GET (and HEAD) only, as every other route takes only its own methods.
 #[test]

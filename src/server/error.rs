@@ -132,6 +132,13 @@ impl poem::error::ResponseError for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if matches!(self, ApiError::PayloadTooLarge { .. }) {
+            // The rest of the body is never read, so the connection cannot carry another request:
+            // say so (RFC 9112 §9.6), and the server closes it after this answer.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
