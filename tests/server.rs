@@ -1479,6 +1479,47 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     );
 }
 
+/// Issue 15 #3: a request still running when `--shutdown-timeout` ends is answered 503 (its
+/// job stopped at the next step) instead of losing its connection unanswered.
+#[test]
+fn sigterm_answers_503_to_work_still_running_at_the_shutdown_timeout() {
+    // 4 s: the running job is stopped 2 s before the end, far more than one 256² step takes.
+    let mut server = Server::start(&["--shutdown-timeout", "4"]);
+    let addr = server.addr;
+    let in_flight = std::thread::spawn(move || {
+        generate(
+            addr,
+            None,
+            &json!({"prompt": "a", "width": 256, "height": 256, "steps": 150}),
+        )
+    });
+    server.wait_until("the job to run", |s| s.metric("sd21_jobs_running") == 1.0);
+    let started = Instant::now();
+    // SAFETY: kill(2) on our own child's pid, with a valid signal number.
+    let rc = unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let Ok(reply) = in_flight.join() else {
+        std::thread::sleep(Duration::from_secs(1)); // the rest of the log
+        panic!("no answer:\n{}", server.log());
+    };
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.json()["error"].is_string(), "{}", reply.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < end, "no exit:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+}
+
 #[test]
 fn a_missing_model_fails_at_start_with_a_clear_message() {
     let output = Command::new(env!("CARGO_BIN_EXE_sd21"))

@@ -154,6 +154,7 @@ pub async fn serve(
     tracing::info!(?config, "{LISTENING_ON}{addr}");
 
     let startup_failure = Arc::new(Mutex::new(None::<String>));
+    let shutdown_timeout = config.shutdown_timeout;
     let stop = {
         let engine = engine.clone();
         let metrics = metrics.clone();
@@ -182,6 +183,15 @@ pub async fn serve(
             engine.close();
             metrics.ready.set(0);
             tracing::info!("shutting down: no new requests; finishing the ones in flight");
+            // Work still running near the end of the timeout is stopped at its next step, so its
+            // request is answered (503) before the connections are dropped.
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(shutdown_timeout.saturating_sub(answer_grace(shutdown_timeout)))
+                    .await;
+                tracing::warn!("--shutdown-timeout is ending: stopping the work still running");
+                engine.abort();
+            });
         }
     };
     poem::Server::new_with_acceptor(acceptor)
@@ -203,6 +213,13 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long before the end of `--shutdown-timeout` running work is stopped, so that its answer
+/// (503) is sent in time: 2 s, or half of a shorter timeout. A denoising step longer than this
+/// still loses its answer (work stops between steps only).
+fn answer_grace(shutdown_timeout: Duration) -> Duration {
+    (shutdown_timeout / 2).min(Duration::from_secs(2))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
