@@ -1212,6 +1212,38 @@ fn with_an_api_key_everything_but_health_needs_the_bearer_token() {
         .contains("sd21_requests_total{status=\"200\"} 1"));
 }
 
+/// Issue 15 #7: a compressed body was read as JSON ("malformed JSON"); any Content-Encoding but
+/// identity is now refused with 415 and `Accept-Encoding: identity`, whatever the route.
+#[test]
+fn encoded_bodies_are_refused_with_415() {
+    let server = Server::start(&[]);
+    let body = json!({"prompt": "a", "steps": 0}).to_string();
+    let json_ct = ("Content-Type", "application/json");
+    for encoding in ["gzip", "deflate", "br", "identity, gzip"] {
+        for path in ["/generate/", "/jobs"] {
+            let reply = send(
+                server.addr,
+                "POST",
+                path,
+                &[json_ct, ("Content-Encoding", encoding)],
+                Some(body.as_bytes()),
+            );
+            assert_eq!(reply.status, 415, "{encoding} {path}: {}", reply.text());
+            assert_eq!(reply.header("accept-encoding"), Some("identity"));
+            assert!(reply.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Content-Encoding")));
+        }
+    }
+    // identity is no encoding: the body is read and validated (steps 0 → 422).
+    let reply = post(
+        server.addr,
+        &[json_ct, ("Content-Encoding", "identity")],
+        body.as_bytes(),
+    );
+    assert_eq!(reply.status, 422, "{}", reply.text());
+}
+
 /// Issue 15 #6: a 413 on a keep-alive connection says `Connection: close` (the server closes
 /// it: the unread body would be taken for the next request).
 #[test]

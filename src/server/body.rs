@@ -119,6 +119,14 @@ async fn read_json_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
+    if let Some(encoding) = unsupported_encoding(request) {
+        return Err(drain(
+            body,
+            limit,
+            ApiError::UnsupportedContentEncoding { encoding },
+        )
+        .await);
+    }
     if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
         let text = content_type.to_str().unwrap_or("");
         let essence = text
@@ -136,14 +144,8 @@ async fn read_json_body(
             }
         }
         if !is_json {
-            // Read the body (within the limit) and drop it: answering while the client still
-            // sends it would reset the connection under it, and it would never see the 415.
-            if let Ok(body) = body.take() {
-                let _ = body.into_bytes_limit(limit).await;
-            }
-            return Err(ApiError::UnsupportedMediaType {
-                content_type: text.chars().take(100).collect(),
-            });
+            let content_type = text.chars().take(100).collect();
+            return Err(drain(body, limit, ApiError::UnsupportedMediaType { content_type }).await);
         }
     }
     let body = body.take().map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -154,6 +156,28 @@ async fn read_json_body(
         }
         Err(e) => Err(ApiError::BodyRead(e.to_string())),
     }
+}
+
+/// The request's `Content-Encoding` when it is anything but `identity`: bodies are read as sent,
+/// never decoded (so no decompression bomb can get past the body limit).
+fn unsupported_encoding(request: &Request) -> Option<String> {
+    let values = request.headers().get_all(header::CONTENT_ENCODING);
+    let codings: Vec<String> = values
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    (!codings.is_empty()).then(|| codings.join(", ").chars().take(100).collect())
+}
+
+/// Reads the body (within the limit) and drops it, then gives `refusal`: answering while the
+/// client still sends would reset the connection under it, and it would never see the answer.
+async fn drain(body: &mut RequestBody, limit: usize, refusal: ApiError) -> ApiError {
+    if let Ok(body) = body.take() {
+        let _ = body.into_bytes_limit(limit).await;
+    }
+    refusal
 }
 
 /// A `multipart/form-data` body as the JSON object the request type reads: a file part (one

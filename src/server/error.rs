@@ -35,6 +35,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("unsupported Content-Type `{content_type}`: send application/json")]
     UnsupportedMediaType { content_type: String },
+    #[error("unsupported Content-Encoding `{encoding}`: send the body unencoded (identity)")]
+    UnsupportedContentEncoding { encoding: String },
     #[error(transparent)]
     Rejected(#[from] SubmitError),
     #[error(transparent)]
@@ -63,7 +65,9 @@ impl ApiError {
             ApiError::JobFinished { .. } => StatusCode::CONFLICT,
             ApiError::NotAcceptable { .. } => StatusCode::NOT_ACCEPTABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType { .. } | ApiError::UnsupportedContentEncoding { .. } => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             ApiError::Rejected(SubmitError::QueueFull { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Rejected(SubmitError::NotReady | SubmitError::ShuttingDown) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -132,6 +136,13 @@ impl poem::error::ResponseError for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if matches!(self, ApiError::UnsupportedContentEncoding { .. }) {
+            // RFC 9110 §15.5.16: name the codings that would have been accepted.
+            response.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         if matches!(self, ApiError::PayloadTooLarge { .. }) {
             // The rest of the body is never read, so the connection cannot carry another request:
             // say so (RFC 9112 §9.6), and the server closes it after this answer.
@@ -173,7 +184,7 @@ impl ApiResponse for ApiError {
                 error(409, "DELETE /jobs/{id}: the job already finished.", false),
                 error(406, "The Accept header allows neither image/png nor application/json.", false),
                 error(413, "The body is larger than 64 KiB.", false),
-                error(415, "The Content-Type is not application/json.", false),
+                error(415, "The Content-Type is not application/json, or the body has a Content-Encoding (bodies are read as sent: identity only).", false),
                 error(
                     422,
                     "Invalid request: `field` names the field, `error` the limit and the value given.",
@@ -218,6 +229,12 @@ mod tests {
             (
                 ApiError::UnsupportedMediaType {
                     content_type: "text/plain".into(),
+                },
+                415,
+            ),
+            (
+                ApiError::UnsupportedContentEncoding {
+                    encoding: "gzip".into(),
                 },
                 415,
             ),
