@@ -1402,6 +1402,11 @@ fn openapi_spec_and_docs_describe_both_content_types_errors_limits_and_the_examp
     let request = &spec["components"]["schemas"]["GenerateRequest"];
     assert_eq!(request["required"], json!(["prompt"]));
     let props = &request["properties"];
+    // Issue 15 #8: every optional field takes null (the default), and the spec says so.
+    for (field, property) in props.as_object().expect("properties") {
+        let nullable = property["nullable"].as_bool().unwrap_or(false);
+        assert_eq!(nullable, field != "prompt", "{field}: {property}");
+    }
     // Bounds are JSON numbers (poem-openapi writes them as floats: 50.0).
     let bound = |field: &str, key: &str| props[field][key].as_f64();
     assert_eq!(

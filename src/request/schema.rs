@@ -55,6 +55,18 @@ pub trait RequestSchema {
     fn schema(context: &SchemaContext) -> MetaSchema;
 }
 
+/// A JSON body's schema as the readers take it (`json.rs`: `null` means the default for every
+/// optional field): each property the body does not require is declared `nullable`.
+pub fn json_schema(mut schema: MetaSchema) -> MetaSchema {
+    let required = schema.required.clone();
+    for (name, property) in &mut schema.properties {
+        if let MetaSchemaRef::Inline(p) = property {
+            p.nullable = !required.contains(name);
+        }
+    }
+    schema
+}
+
 /// The `multipart/form-data` form of a JSON body's schema: its base64 image fields (format
 /// `byte`) are files (format `binary`, a file picker in /docs) and leave the example, whose
 /// other fields are the form's text parts.
@@ -148,6 +160,23 @@ impl Property {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn optional_properties_are_nullable_and_required_ones_are_not() {
+        let mut schema = MetaSchema::new("object");
+        schema.required = vec!["prompt"];
+        schema.properties = vec![
+            ("prompt", Property::string("p").into_ref()),
+            ("steps", Property::integer("s").into_ref()),
+        ];
+        let schema = json_schema(schema);
+        let nullable = |name: &str| match schema.properties.iter().find(|(n, _)| *n == name) {
+            Some((_, MetaSchemaRef::Inline(p))) => p.nullable,
+            _ => panic!("{name} missing"),
+        };
+        assert!(!nullable("prompt"));
+        assert!(nullable("steps"));
+    }
 
     #[test]
     fn the_context_is_seen_inside_and_restored_after() {

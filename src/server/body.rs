@@ -40,7 +40,9 @@ impl<'a, T: RequestSchema + Send + Sync + 'static> ApiExtractor<'a> for JsonBody
     type ParamRawType = ();
 
     fn register(registry: &mut Registry) {
-        registry.create_schema::<T, _>(T::NAME.to_string(), |_| T::schema(&schema::context()));
+        registry.create_schema::<T, _>(T::NAME.to_string(), |_| {
+            schema::json_schema(T::schema(&schema::context()))
+        });
         if T::MULTIPART {
             registry.create_schema::<T, _>(form_name::<T>(), |_| {
                 schema::form_schema(T::schema(&schema::context()))
