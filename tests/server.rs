@@ -1465,21 +1465,40 @@ fn health_ready_and_metrics() {
     });
 }
 
-#[test]
-fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
-    let mut server = Server::start(&[]);
+/// Starts a 256² generation of `steps` steps, waits until it runs, then sends the server
+/// SIGTERM; the handle answers with the request's reply.
+fn sigterm_during_generation(server: &Server, steps: u32) -> std::thread::JoinHandle<Reply> {
     let addr = server.addr;
     let in_flight = std::thread::spawn(move || {
         generate(
             addr,
             None,
-            &json!({"prompt": "a", "width": 256, "height": 256, "steps": 12}),
+            &json!({"prompt": "a", "width": 256, "height": 256, "steps": steps}),
         )
     });
     server.wait_until("the job to run", |s| s.metric("sd21_jobs_running") == 1.0);
     // SAFETY: kill(2) on our own child's pid, with a valid signal number.
     let rc = unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(rc, 0);
+    in_flight
+}
+
+/// The server process's exit status, waited for up to `within`.
+fn wait_for_exit(server: &mut Server, within: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < end, "no exit:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
+    let mut server = Server::start(&[]);
+    let in_flight = sigterm_during_generation(&server, 12);
     server.wait_until("the shutdown to begin", |s| {
         s.log().contains("shutting down")
     });
@@ -1496,18 +1515,7 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     let (w, h, _, _) = decode_png(&reply.body);
     assert_eq!((w, h), (256, 256));
 
-    let end = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < end,
-            "no exit after SIGTERM:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_for_exit(&mut server, Duration::from_secs(120));
     assert_eq!(status.code(), Some(0), "{}", server.log());
     let log = server.log();
     assert!(
@@ -1522,19 +1530,8 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
 fn sigterm_answers_503_to_work_still_running_at_the_shutdown_timeout() {
     // 4 s: the running job is stopped 2 s before the end, far more than one 256² step takes.
     let mut server = Server::start(&["--shutdown-timeout", "4"]);
-    let addr = server.addr;
-    let in_flight = std::thread::spawn(move || {
-        generate(
-            addr,
-            None,
-            &json!({"prompt": "a", "width": 256, "height": 256, "steps": 150}),
-        )
-    });
-    server.wait_until("the job to run", |s| s.metric("sd21_jobs_running") == 1.0);
     let started = Instant::now();
-    // SAFETY: kill(2) on our own child's pid, with a valid signal number.
-    let rc = unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
+    let in_flight = sigterm_during_generation(&server, 150);
     let Ok(reply) = in_flight.join() else {
         std::thread::sleep(Duration::from_secs(1)); // the rest of the log
         panic!("no answer:\n{}", server.log());
@@ -1546,14 +1543,7 @@ fn sigterm_answers_503_to_work_still_running_at_the_shutdown_timeout() {
         "answered only after {:?}",
         started.elapsed()
     );
-    let end = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < end, "no exit:\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_for_exit(&mut server, Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{}", server.log());
 }
 
