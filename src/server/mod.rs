@@ -252,9 +252,9 @@ async fn shutdown_signal() {
 }
 
 /// The routes with their middleware, outermost first: request log, trailing-slash trimming
-/// (`/generate/` → `/generate`), `Allow` on 405s (`allow.rs`), JSON errors, CORS (only with `--cors-origin`), bearer auth
-/// (only with `--api-key`), JSON errors again (for what the router and the handlers return),
-/// panic catcher, routes.
+/// (`/generate/` → `/generate`), `Allow` on 405s (`allow.rs`), JSON errors, CORS (only with
+/// `--cors-origin`), bearer auth (only with `--api-key`), JSON errors again (for what the router
+/// and the handlers return), panic catcher, routes.
 fn app(
     config: &ServerConfig,
     engine: Arc<Engine>,
