@@ -314,7 +314,7 @@ fn app(
             .around(move |ep, req| {
                 let key = key.clone();
                 async move {
-                    if req.uri().path() == "/health" || authorized(&req, &key) {
+                    if always_open(&req) || authorized(&req, &key) {
                         ep.call(req).await
                     } else {
                         Ok(poem::error::ResponseError::as_response(
@@ -326,10 +326,10 @@ fn app(
             .boxed();
     }
     if let Some(origin) = &config.cors_origin {
-        // /health answers 200 to every caller: from a foreign Origin (which CORS would refuse with
-        // 403) it bypasses the CORS check and gets no CORS headers.
+        // An always-open route from a foreign Origin (which CORS would refuse with 403) bypasses
+        // the CORS check and gets no CORS headers.
         let plain = Arc::new(app);
-        let health = Arc::clone(&plain);
+        let without_cors = Arc::clone(&plain);
         let allowed: Arc<str> = origin.as_str().into();
         app = plain
             .with(
@@ -344,13 +344,13 @@ fn app(
             )
             .map_to_response()
             .around(move |cors, req| {
-                let (health, allowed) = (Arc::clone(&health), Arc::clone(&allowed));
+                let (without_cors, allowed) = (Arc::clone(&without_cors), Arc::clone(&allowed));
                 async move {
                     let foreign = req
                         .header(header::ORIGIN)
                         .is_some_and(|o| o != allowed.as_ref());
-                    if foreign && req.uri().path() == "/health" {
-                        health.call(req).await
+                    if foreign && always_open(&req) {
+                        without_cors.call(req).await
                     } else {
                         cors.call(req).await
                     }
@@ -370,6 +370,12 @@ fn openapi_service(api: Api, jobs: JobsApi) -> OpenApiService<(Documented, JobsA
         "Stable Diffusion 2.1 text-to-image, compatible with the original FastAPI server's \
          POST /generate/.",
     )
+}
+
+/// `/health`: answered to every caller, without the API key and from any Origin (load balancers
+/// and other pages' status checks).
+fn always_open(req: &Request) -> bool {
+    req.uri().path() == "/health"
 }
 
 /// `Authorization: Bearer <key>`, compared in constant time.
