@@ -1,7 +1,7 @@
 //! oneDNN's `dnnl_sgemm`: the CPU backend's GEMM when the build linked libdnnl (`sd21_onednn`).
 //!
-//! oneDNN's AVX-512 (and AVX2) f32 kernels run at about twice the `gemm` crate's speed on stable
-//! Rust (measured on a 2-vCPU Xeon, 2026-12-04: 330–365 vs 170–180 GFLOP/s on the UNet's shapes).
+//! oneDNN's AVX-512 (and AVX2) f32 kernels run well ahead of the `gemm` crate's on stable Rust,
+//! whose AVX-512 kernels need nightly (bench/results/2026-12-04-kernels-onednn-vs-gemm-crate.txt).
 //! Debian builds it on OpenMP, whose team size is a per-thread setting: each call sets it to the
 //! rayon pool's size for one large product, or to one inside a rayon task, so the two pools never
 //! oversubscribe the cores.
